@@ -1,0 +1,173 @@
+r"""CIFAR-10 configs: every published setting of the four papers, by name.
+
+Usage (big_vision style, a variant after the colon):
+
+  fastadv-train --config configs/cifar10.py:gradalign --workdir runs/ga
+  fastadv-train --config configs/cifar10.py:gradalign --config.eps=16 --workdir runs/ga16
+
+Variants (expected results: PGD-50-10 on CIFAR-10 from ../shared/REFERENCE.md,
+PreActResNet-18, one GPU; on the JPEG copy of CIFAR-10 used on machines without
+internet expect numbers close to, not equal to, these):
+
+  fgsm            FGSM, α=ε, lr_max 0.2, 30 ep.       85.16 clean / 0.02 robust (CO) at ε=8
+  fgsm_rs         FGSM-RS, α=1.25ε (Wong et al.)       84.32 / 45.10 at ε=8; 0.00 robust at ε=16
+  gradalign       FGSM + GradAlign, λ=0.02·10^(ε/8)    81.00 / 47.58 (AA 44.54) at ε=8; 58.46 / 28.88 at ε=16
+  pgd2, pgd10     PGD-2 α=ε/2, PGD-10 α=2ε/10, no RS   82.15 / 48.43 and 81.88 / 50.04
+  pgd2_gradalign  PGD-2 + GradAlign λ=0.1              (GradAlign Fig. 9)
+  cure, igr       FGSM + CURE λ=700 / + IGR λ=1000     80.20 / 47.25 and 77.47 / 46.69
+  fgsm_early_stop FGSM α=7/255 with early stopping     45.35 robust
+  zerograd        ZeroGrad q=0.35 (Rice PRN-18, fp32)  81.61 / 47.55
+  multigrad       MultiGrad N=3                        81.38 / 47.85
+  n_fgsm          N-FGSM (de Jorge et al. 2022)        not in REFERENCE.md's table
+  free            AT for Free, m=8, 96 replayed ep.    (GradAlign Fig. 1 baseline)
+  advlc           FGSM-N + AdvLC λ=0.55, 200 ep.       81.06 / 47.07 (best, AutoAttack); 82.70 / 42.71 (end)
+  pgd10_advlc     PGD-10 (α=ε/4) + AdvLC λ=0.4         (AdvLC Table 1)
+  fgsm_rs_advlc   any attack combines with any regularizers: FGSM-RS + AdvLC
+  cnn_fgsm        the single-layer CNN of GradAlign §4, FGSM ε=10/255, Adam.
+                  Catastrophic overfitting around epoch 6: PGD accuracy drops,
+                  FGSM accuracy rises, gradient alignment falls to ~0.12.
+
+Hardware: the PreActResNet-18 variants are GPU configs (30 epochs of FGSM take
+about 10 minutes on a V100 in the papers; GradAlign about 3x that). The
+`cnn_fgsm` variant runs on a CPU in minutes and is the README's main job.
+"""
+
+from fastadv_jax import config_base
+
+import ml_collections
+
+
+def _regularizer(weight: float | None = None, lambda_rule: str = "", **hparams):
+  spec = dict(hparams)
+  spec["weight"] = 0.0 if weight is None else float(weight)
+  spec["lambda_rule"] = lambda_rule
+  return ml_collections.ConfigDict(spec)
+
+
+def _gradalign_paper(config):
+  """GradAlign paper setup (App. B / released scripts)."""
+  config.model.name = "preact_resnet18_gradalign"
+  config.dtype = "bfloat16"  # the paper trains in mixed precision; evaluation is float32
+  config.num_epochs = 30
+  config.batch_size = 128
+  config.optimizer.update(name="sgd", momentum=0.9, weight_decay=5e-4)
+  config.schedule.update(name="cyclic", lr_max=0.2)
+  # Their code reads the rate at epoch + (i + 1) / n.
+  config.schedule.kwargs = ml_collections.ConfigDict(dict(peak_fraction=0.4, step_offset=1))
+  config.augment.update(padding=4, pad_mode="zero", flip=True)
+  return config
+
+
+def _zerograd_paper(config):
+  """ZeroGrad/MultiGrad paper setup: Rice et al.'s PreActResNet-18, float32."""
+  config.model.name = "preact_resnet18_rice"
+  config.dtype = "float32"
+  config.num_epochs = 30
+  config.optimizer.update(name="sgd", momentum=0.9, weight_decay=5e-4)
+  config.schedule.update(name="cyclic", lr_max=0.2)
+  config.schedule.kwargs = ml_collections.ConfigDict(dict(peak_fraction=0.5))
+  config.augment.update(padding=4, pad_mode="reflect", flip=True)
+  config.final_eval.update(n=10000)
+  return config
+
+
+def _advlc_paper(config):
+  """AdvLC paper setup (Li & Spratling 2023, Table 1)."""
+  config.model.name = "preact_resnet18_wong"
+  config.dtype = "float32"
+  config.num_epochs = 200
+  config.batch_size = 100
+  config.optimizer.update(name="sgd", momentum=0.9, weight_decay=1e-4)
+  config.schedule.update(name="piecewise", lr_max=0.1)
+  config.schedule.kwargs = ml_collections.ConfigDict(dict(boundary_epochs=[100, 150],
+                                                          factor=0.1))
+  return config
+
+
+def get_config(variant: str = "gradalign") -> ml_collections.ConfigDict:
+  """Returns the config of `variant` (see the module docstring for the list)."""
+  config = _gradalign_paper(config_base.base_config())
+  config.dataset = "cifar10"
+  config.num_classes = 10
+  config.eps = 8.0
+  attack = config.attack
+  if variant == "fgsm":
+    attack.name = "fgsm"
+  elif variant == "fgsm_rs":
+    attack.name = "fgsm_rs"
+    attack.step_eps_ratio = 1.25  # 10/255 at ε = 8
+  elif variant == "gradalign":
+    attack.name = "fgsm"
+    config.schedule.lr_max = 0.3  # released GradAlign script
+    config.regularizers.grad_align = _regularizer(lambda_rule="cifar10")
+  elif variant in ("pgd2", "pgd10", "pgd2_gradalign"):
+    steps = 2 if variant.startswith("pgd2") else 10
+    attack.name = "pgd"
+    attack.step_eps_ratio = 0.5 if steps == 2 else 0.2
+    attack.kwargs = ml_collections.ConfigDict(dict(steps=steps, random_start=False))
+    if variant == "pgd2_gradalign":
+      config.regularizers.grad_align = _regularizer(weight=0.1)
+  elif variant == "cure":
+    attack.name = "fgsm"
+    config.regularizers.cure = _regularizer(weight=700.0)
+  elif variant == "igr":
+    attack.name = "fgsm"
+    config.regularizers.input_grad_norm = _regularizer(weight=1000.0)
+  elif variant == "fgsm_early_stop":
+    attack.name = "fgsm"
+    attack.step = 7.0
+    config.early_stopping.update(enabled=True, n_points=256, pgd_steps=10, every_steps=200)
+  elif variant == "zerograd":
+    _zerograd_paper(config)
+    attack.name = "zerograd"
+    attack.kwargs = ml_collections.ConfigDict(dict(q=0.35))
+  elif variant == "multigrad":
+    _zerograd_paper(config)
+    attack.name = "multigrad"
+    attack.kwargs = ml_collections.ConfigDict(dict(num_starts=3))
+  elif variant == "n_fgsm":
+    _zerograd_paper(config)
+    config.model.name = "preact_resnet18_wong"
+    attack.name = "n_fgsm"
+  elif variant == "free":
+    attack.name = "free"
+    attack.step_eps_ratio = 1.0
+    config.free.replays = 8
+    config.num_epochs = 96
+    config.schedule.lr_max = 0.04
+  elif variant in ("advlc", "pgd10_advlc", "fgsm_rs_advlc"):
+    _advlc_paper(config)
+    if variant == "advlc":
+      attack.name = "fgsm_n"
+      config.regularizers.advlc = _regularizer(weight=0.55, fraction=0.1)
+    elif variant == "pgd10_advlc":
+      attack.name = "pgd"
+      attack.step_eps_ratio = 0.25
+      attack.kwargs = ml_collections.ConfigDict(dict(steps=10, random_start=False))
+      config.regularizers.advlc = _regularizer(weight=0.4, fraction=0.1)
+    else:
+      attack.name = "fgsm_rs"
+      attack.step_eps_ratio = 1.25
+      config.regularizers.advlc = _regularizer(weight=0.55, fraction=0.1)
+    config.early_stopping.update(enabled=False)
+  elif variant == "cnn_fgsm":
+    config.model.name = "simple_cnn"
+    config.model.kwargs = ml_collections.ConfigDict(dict(filters=4))
+    config.dtype = "float32"
+    config.eps = 10.0
+    attack.name = "fgsm"
+    config.optimizer.update(name="adam", weight_decay=5e-4)
+    config.schedule.update(name="cyclic", lr_max=0.003)
+    config.num_epochs = 30
+    config.eval.update(n=1000, pgd_steps=10)
+    config.final_eval.update(n=1000, steps=50, restarts=10)
+  else:
+    raise ValueError(
+        f"Unknown CIFAR-10 variant {variant!r}; choose one of {sorted(VARIANTS)}.")
+  config.variant = variant
+  return config
+
+
+VARIANTS = ("fgsm", "fgsm_rs", "gradalign", "pgd2", "pgd10", "pgd2_gradalign", "cure",
+            "igr", "fgsm_early_stop", "zerograd", "multigrad", "n_fgsm", "free", "advlc",
+            "pgd10_advlc", "fgsm_rs_advlc", "cnn_fgsm")

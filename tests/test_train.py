@@ -1,0 +1,267 @@
+"""Training: every config variant steps, devices agree, kill-and-resume equality."""
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fastadv_jax import checkpoints
+from fastadv_jax import config_base
+from fastadv_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPE = (8, 8, 3)
+BATCH = 8
+
+
+def load_config_module(name):
+  path = os.path.join(REPO, "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+ALL_VARIANTS = [(ds, v) for ds in ("cifar10", "cifar100", "svhn")
+                for v in load_config_module(ds).VARIANTS]
+
+
+def tiny(config, model="simple_cnn"):
+  """Shrinks a config to a tiny model, keeping its method."""
+  config.model.name = model
+  config.model.kwargs = ({"filters": 2} if model == "simple_cnn"
+                         else {"widths": (4, 4, 4, 4), "stage_sizes": (1, 1, 1, 1)})
+  config.batch_size = BATCH
+  return config
+
+
+def synthetic_batch(n=BATCH, num_classes=10, seed=0, devices=1):
+  rng = np.random.default_rng(seed)
+  batch = {"image": rng.integers(0, 256, (n,) + SHAPE).astype(np.uint8),
+           "label": rng.integers(0, num_classes, n).astype(np.int32),
+           "index": np.arange(n, dtype=np.int32)}
+  return jax.tree_util.tree_map(lambda a: a.reshape((devices, -1) + a.shape[1:]), batch)
+
+
+def run_steps(config, num_steps=2, devices=1, seed_batch=0, steps_per_epoch=10):
+  """Builds the state and the pmapped step of `config`, runs a few steps."""
+  devs = jax.local_devices()[:devices]
+  model = train.create_model(config)
+  tx = train.create_optimizer(config, steps_per_epoch)
+  state = train.create_train_state(config, model, tx, jax.random.PRNGKey(0), SHAPE, BATCH)
+  step_fn = jax.pmap(train.make_train_step(config, model, tx, steps_per_epoch),
+                     axis_name=train.AXIS, devices=devs)
+  r_state = train.to_devices(state, devs)
+  metrics = None
+  for i in range(num_steps):
+    batch = synthetic_batch(num_classes=config.num_classes, seed=seed_batch + i,
+                            devices=devices)
+    r_state, metrics = step_fn(r_state, batch)
+  return train.to_host(r_state), jax.device_get(train.unreplicate(metrics))
+
+
+@pytest.mark.parametrize("dataset,variant", ALL_VARIANTS)
+def test_every_variant_builds_and_steps(dataset, variant):
+  config = load_config_module(dataset).get_config(variant)
+  config_base.validate_config(config)
+  # Regularizers and the batch-statistics attack path need BatchNorm coverage.
+  model = "preact_resnet18" if variant in ("gradalign", "zerograd", "advlc") else "simple_cnn"
+  config = tiny(config, model)
+  state, metrics = run_steps(config)
+  assert int(state.step) == 2
+  assert all(np.isfinite(v) for v in metrics.values()), metrics
+  for name in config.regularizers:
+    assert f"train/reg/{name}" in metrics
+
+
+def test_full_size_gradalign_step_traces():
+  """The real PreActResNet-18 GradAlign step, through jax.eval_shape only."""
+  config = load_config_module("cifar10").get_config("gradalign")
+  model = train.create_model(config)
+  tx = train.create_optimizer(config, 390)
+  state = jax.eval_shape(lambda: train.create_train_state(
+      config, model, tx, jax.random.PRNGKey(0), (32, 32, 3), 128))
+  batch = {"image": jax.ShapeDtypeStruct((1, 128, 32, 32, 3), jnp.uint8),
+           "label": jax.ShapeDtypeStruct((1, 128), jnp.int32),
+           "index": jax.ShapeDtypeStruct((1, 128), jnp.int32)}
+  step = jax.pmap(train.make_train_step(config, model, tx, 390), axis_name=train.AXIS)
+  state1 = jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct((1,) + s.shape, s.dtype), state)
+  out_state, metrics = jax.eval_shape(step, state1, batch)
+  assert metrics["train/reg/grad_align"].shape == (1,)
+  n_params = sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(out_state.params))
+  assert n_params == 11_171_146
+
+
+def test_one_device_equals_eight_devices():
+  """Same update on 1 and 8 devices: no BatchNorm, no batch-dependent term (FGSM)."""
+  config = tiny(load_config_module("cifar10").get_config("cnn_fgsm"))
+  config.batch_size = 16
+  global BATCH
+  old, BATCH = BATCH, 16
+  try:
+    one, m1 = run_steps(config, devices=1)
+    eight, m8 = run_steps(config, devices=8)
+  finally:
+    BATCH = old
+  for a, b in zip(jax.tree_util.tree_leaves(one.params),
+                  jax.tree_util.tree_leaves(eight.params)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(m1["train/loss"], m8["train/loss"], rtol=1e-5)
+
+
+def test_bad_configs_fail_before_compiling():
+  base = load_config_module("cifar10").get_config("gradalign")
+  cases = [
+      ("attack.name", "fgsmm", "Unknown attack.name 'fgsmm'"),
+      ("model.name", "resnet19", "Unknown model.name"),
+      ("eps", 300.0, "eps=300.0"),
+      ("optimizer.name", "lion", "Unknown optimizer.name"),
+      ("schedule.name", "cosine", "Unknown schedule.name"),
+  ]
+  for field, value, message in cases:
+    config = base.copy_and_resolve_references()
+    node = config
+    *parents, leaf = field.split(".")
+    for p in parents:
+      node = node[p]
+    with node.unlocked() if hasattr(node, "unlocked") else _null():
+      node[leaf] = value
+    with pytest.raises(ValueError, match=message):
+      config_base.validate_config(config)
+  config = base.copy_and_resolve_references()
+  config.regularizers.grad_align.lambda_rule = ""
+  config.regularizers.grad_align.weight = -1.0
+  with pytest.raises(ValueError, match="weight=-1.0 must be >= 0"):
+    config_base.validate_config(config)
+  config = base.copy_and_resolve_references()
+  config.regularizers.foo = {"weight": 1.0}
+  with pytest.raises(ValueError, match="Unknown regularizer 'foo'"):
+    config_base.validate_config(config)
+  with pytest.raises(ValueError, match="Unknown CIFAR-10 variant"):
+    load_config_module("cifar10").get_config("gradalgn")
+
+
+class _null:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False
+
+
+# --------------------------------------------------------------------------
+# End-to-end runs on a small local dataset, through the CLI.
+
+
+@pytest.fixture(scope="module")
+def npz_dataset(tmp_path_factory):
+  rng = np.random.default_rng(0)
+  n_train, n_test = 64, 16
+  # Learnable: the label is the brightest of 10 stripes.
+  def make(n):
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    images = rng.integers(0, 100, (n,) + SHAPE).astype(np.uint8)
+    return images, labels
+  x_tr, y_tr = make(n_train)
+  x_te, y_te = make(n_test)
+  path = tmp_path_factory.mktemp("data") / "tiny.npz"
+  np.savez(path, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te)
+  return str(path)
+
+
+def cli_args(npz, workdir, epochs=8, extra=()):
+  return [sys.executable, "-c", "from fastadv_jax.cli import train_main; train_main()",
+          f"--config={os.path.join(REPO, 'configs', 'cifar10.py')}:cnn_fgsm",
+          f"--workdir={workdir}", "--progress=false",
+          "--config.data.source=local", f"--config.data.local_path={npz}",
+          "--config.model.kwargs.filters=2", f"--config.batch_size={BATCH}",
+          f"--config.num_epochs={epochs}", "--config.checkpoint_every_steps=1",
+          "--config.eval.n=16", "--config.eval.pgd_steps=2", "--config.eval.batch_size=16",
+          "--config.final_eval.enabled=False", "--config.log_every_steps=4",
+          "--config.keep_checkpoints=2", *extra]
+
+
+def _env():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def final_params(workdir):
+  _, variables, _ = train.restore_for_eval(workdir, "last")
+  return variables["params"]
+
+
+def test_kill_and_resume_equals_uninterrupted(npz_dataset, tmp_path):
+  full = tmp_path / "full"
+  subprocess.run(cli_args(npz_dataset, full), check=True, env=_env(),
+                 capture_output=True, timeout=600)
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(cli_args(npz_dataset, killed), env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt_dir = killed / "checkpoints"
+  deadline = time.time() + 300
+  killed_at = None
+  while time.time() < deadline and proc.poll() is None:
+    steps = [int(d) for d in os.listdir(ckpt_dir)] if ckpt_dir.exists() else []
+    steps = [s for s in steps if s >= 20]
+    if steps:
+      proc.send_signal(signal.SIGKILL)
+      killed_at = max(steps)
+      break
+    time.sleep(0.02)
+  proc.wait()
+  assert killed_at is not None, "the run finished before it could be killed"
+  total = 8 * (64 // BATCH)
+  assert killed_at < total
+  subprocess.run(cli_args(npz_dataset, killed), check=True, env=_env(),
+                 capture_output=True, timeout=600)
+  a, b = final_params(full), final_params(killed)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  # The metrics log of the resumed run has each step once.
+  with open(killed / "metrics.jsonl") as f:
+    steps = [json.loads(l)["step"] for l in f if "train/loss" in l]
+  assert steps == sorted(set(steps))
+  assert (killed / "training_curves.png").exists()
+
+  # Resuming with a different config is refused, the run left untouched.
+  before = sorted(os.listdir(killed / "checkpoints"))
+  res = subprocess.run(cli_args(npz_dataset, killed, extra=["--config.eps=12"]),
+                       env=_env(), capture_output=True, text=True, timeout=600)
+  assert res.returncode != 0
+  assert "different config" in res.stderr and "eps: 10.0 -> 12.0" in res.stderr
+  assert sorted(os.listdir(killed / "checkpoints")) == before
+
+
+def test_corrupt_newest_checkpoint_falls_back(npz_dataset, tmp_path):
+  workdir = tmp_path / "run"
+  subprocess.run(cli_args(npz_dataset, workdir, epochs=1), check=True, env=_env(),
+                 capture_output=True, timeout=600)
+  ckpt = checkpoints.Checkpointer(str(workdir / "checkpoints"))
+  steps = ckpt.all_steps()
+  assert len(steps) == 2
+  newest = workdir / "checkpoints" / str(steps[-1])
+  for root, _, files in os.walk(newest / "state"):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"corrupt")
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    _, variables, _ = train.restore_for_eval(str(workdir), "last")
+  assert any(str(newest) in str(w.message) for w in caught
+             if issubclass(w.category, checkpoints.CheckpointCorruptWarning))
+  assert newest.exists()  # left in place
+  assert variables["params"]
