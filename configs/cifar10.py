@@ -139,16 +139,16 @@ def get_config(variant: str = "gradalign") -> ml_collections.ConfigDict:
     _advlc_paper(config)
     if variant == "advlc":
       attack.name = "fgsm_n"
-      config.regularizers.advlc = _regularizer(weight=0.55, fraction=0.1)
+      config.regularizers.advlc = _regularizer(weight=0.55)
     elif variant == "pgd10_advlc":
       attack.name = "pgd"
       attack.step_eps_ratio = 0.25
       attack.kwargs = ml_collections.ConfigDict(dict(steps=10, random_start=False))
-      config.regularizers.advlc = _regularizer(weight=0.4, fraction=0.1)
+      config.regularizers.advlc = _regularizer(weight=0.4)
     else:
       attack.name = "fgsm_rs"
       attack.step_eps_ratio = 1.25
-      config.regularizers.advlc = _regularizer(weight=0.55, fraction=0.1)
+      config.regularizers.advlc = _regularizer(weight=0.55)
     config.early_stopping.update(enabled=False)
   elif variant == "cnn_fgsm":
     config.model.name = "simple_cnn"

@@ -46,8 +46,14 @@ class Checkpointer:
     return sorted(self._mngr.all_steps())
 
   def save(self, step: int, state: Any, meta: dict) -> None:
-    """Saves host copies of `state` (unreplicated) and the JSON `meta` at `step`."""
+    """Saves host copies of `state` (unreplicated) and the JSON `meta` at `step`.
+
+    A checkpoint already at `step` is replaced (after a rollback the same step
+    holds changed settings).
+    """
     state = jax.tree_util.tree_map(np.asarray, jax.device_get(state))
+    if int(step) in self.all_steps():
+      self._mngr.delete(int(step))
     self._mngr.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
         force=True)

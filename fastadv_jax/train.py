@@ -222,8 +222,12 @@ def make_train_step(config, model, tx, steps_per_epoch: int) -> Callable:
   step_pixels = config_base.step_pixels(config)
   reg_specs = {n: {k: v for k, v in dict(r).items() if k not in ("weight", "lambda_rule")}
                for n, r in config.regularizers.items()}
+  # GradAlign reuses the attack's gradient at its starting point; AdvLC may take
+  # its "clean" logits at the attack's noisy point (FGSM-N).
   want_start_grad = bool(reg_specs) and attack_fn is not None and _accepts(
       attack_fn, "return_grad")
+  want_noise = bool(reg_specs) and attack_fn is not None and _accepts(
+      attack_fn, "return_noise")
   replays = config.free.replays
   seed = config.seed
 
@@ -244,7 +248,8 @@ def make_train_step(config, model, tx, steps_per_epoch: int) -> Callable:
     attack_variables = _variables(state.params, state.batch_stats)
     grad_start, x_start = None, None
     if is_free:
-      delta = state.free_delta
+      # The carried perturbation may come from another minibatch: box-project it.
+      delta = attacks.project_box(x, state.free_delta)
     else:
       attack_logits = closures.logits_fn(model, attack_variables, bn=config.attack.bn)
       attack_loss = closures.cross_entropy(attack_logits, y)
@@ -258,13 +263,16 @@ def make_train_step(config, model, tx, steps_per_epoch: int) -> Callable:
         kwargs["step"] = step
       if want_start_grad:
         kwargs["return_grad"] = True
+      if want_noise:
+        kwargs["return_noise"] = True
       out = attack_fn(attack_loss, x, attack_key, eps=eps, **kwargs)
+      # Extras come back in the order (delta, [grad], [eta]).
+      out = list(out) if (want_start_grad or want_noise) else [out]
+      delta = jax.lax.stop_gradient(out.pop(0))
       if want_start_grad:
-        delta, grad_start = out
-        grad_start = jax.lax.stop_gradient(grad_start)
-      else:
-        delta = out
-      delta = jax.lax.stop_gradient(delta)
+        grad_start = jax.lax.stop_gradient(out.pop(0))
+      if want_noise:
+        x_start = jax.lax.stop_gradient(jnp.clip(x + out.pop(0), 0.0, 1.0))
 
     def loss_fn(params, delta):
       variables = _variables(params, state.batch_stats)
@@ -278,7 +286,7 @@ def make_train_step(config, model, tx, steps_per_epoch: int) -> Callable:
         ctx = regularizers.RegularizerContext(
             logits_fn=reg_logits, labels=y, x=x, delta=jax.lax.stop_gradient(delta),
             key=reg_key, eps=jnp.float32(eps_full), grad_start=grad_start,
-            x_start=x_start)
+            x_start=x_start, step=state.step)
         for name, spec in reg_specs.items():
           value = regularizers.regularizer_value(name, ctx, **spec)
           reg_values[name] = value
@@ -290,10 +298,7 @@ def make_train_step(config, model, tx, steps_per_epoch: int) -> Callable:
     (total, (logits, new_stats, ce, reg_values)), grads = grad_fn(state.params, delta)
     if is_free:
       grads, grad_delta = grads
-      step = eps_full if step_pixels is None else step_pixels
-      new_delta = jnp.clip(delta + step * jnp.sign(grad_delta.astype(jnp.float32)),
-                           -eps, eps)
-      free_delta = jnp.clip(x + new_delta, 0.0, 1.0) - x
+      free_delta = attacks.free_update(x, delta, grad_delta, eps=eps, step=step_pixels)
     else:
       free_delta = state.free_delta
     grads = jax.lax.pmean(grads, AXIS)
@@ -418,14 +423,23 @@ def run_eval(p_step, variables_replicated, images, labels, batch_size: int, key,
 # Replication helpers.
 
 
+def _shard_leading_axis(tree, devices):
+  """Places arrays whose leading axis has one entry per device, one per device."""
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("devices",)),
+                                        jax.sharding.PartitionSpec("devices"))
+  return jax.device_put(tree, sharding)
+
+
 def to_devices(state: TrainState, devices) -> TrainState:
   """Replicates the state; AT for Free's perturbation is split across devices."""
+  n = len(devices)
   free = np.asarray(state.free_delta)
-  replicated = jax.device_put_replicated(state.replace(free_delta=np.zeros(())), devices)
+  stacked = jax.tree_util.tree_map(
+      lambda a: np.broadcast_to(np.asarray(a), (n,) + np.shape(a)),
+      state.replace(free_delta=np.zeros((), np.float32)))
   if free.ndim:
-    shards = free.reshape((len(devices), -1) + free.shape[1:])
-    replicated = replicated.replace(free_delta=jax.device_put_sharded(list(shards), devices))
-  return replicated
+    stacked = stacked.replace(free_delta=free.reshape((n, -1) + free.shape[1:]))
+  return _shard_leading_axis(stacked, devices)
 
 
 def to_host(r_state: TrainState) -> TrainState:
@@ -671,19 +685,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
              desc="train", unit="step", dynamic_ncols=True)
   last_eval: dict[str, Any] = {}
   train_t0 = time.time()
-  host_slice = slice(jax.process_index() * per_host_batch,
-                     (jax.process_index() + 1) * per_host_batch)
   while step < num_steps and not meta_extra["stopped_early"]:
     data_step = step // replays
     epoch, in_epoch = divmod(data_step, steps_per_epoch)
-    batches = data_lib.train_batches(train_images, train_labels, batch_size=global_batch,
-                                     seed=config.seed, epoch=epoch, start_step=in_epoch)
+    batches = data_lib.train_batches(
+        train_images, train_labels, batch_size=global_batch, seed=config.seed, epoch=epoch,
+        start_step=in_epoch, process_index=jax.process_index(),
+        process_count=jax.process_count())
     rolled_back = False
     for images, labels in batches:
-      idx = (np.arange(global_batch) + in_epoch * global_batch).astype(np.int32)
+      # The example's position in the epoch keys its augmentation.
+      idx = (in_epoch * global_batch + jax.process_index() * per_host_batch +
+             np.arange(per_host_batch)).astype(np.int32)
       in_epoch += 1
-      batch = {"image": images[host_slice], "label": labels[host_slice].astype(np.int32),
-               "index": idx[host_slice]}
+      batch = {"image": images, "label": labels.astype(np.int32), "index": idx}
       batch = jax.tree_util.tree_map(
           lambda a: a.reshape((num_devices, per_device_batch) + a.shape[1:]), batch)
       for _ in range(replays - step % replays):
@@ -761,9 +776,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                              "rollbacks": meta_extra["rollbacks"],
                              "train_seconds_this_session": train_seconds}
   if config.final_eval.enabled and (step >= num_steps or meta_extra["stopped_early"]):
-    summary["final_eval"] = final_evaluation(config, workdir, eval_model, devices,
-                                               last_ckpt, best_ckpt, state,
-                                               (test_images, test_labels), progress)
+    summary["final_eval"] = final_evaluation(config, workdir, last_ckpt, best_ckpt,
+                                             (test_images, test_labels), progress)
   if is_main:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2, default=_jsonable)

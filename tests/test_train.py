@@ -215,7 +215,7 @@ def test_kill_and_resume_equals_uninterrupted(npz_dataset, tmp_path):
   deadline = time.time() + 300
   killed_at = None
   while time.time() < deadline and proc.poll() is None:
-    steps = [int(d) for d in os.listdir(ckpt_dir)] if ckpt_dir.exists() else []
+    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if ckpt_dir.exists() else []
     steps = [s for s in steps if s >= 20]
     if steps:
       proc.send_signal(signal.SIGKILL)

@@ -1,0 +1,752 @@
+"""Adversarial attacks as pure functions of a loss closure.
+
+Every attack here is a pure, jittable function with fixed shapes::
+
+  delta = attack(loss_fn, x, key, *, eps, ...)
+
+* `loss_fn(x) -> scalar` is the batch-mean loss (see `fastadv_jax.closures`); PGD's
+  per-example features (early stopping, restart selection, best iterates) need a
+  `closures.LossFn`, whose `.with_aux(x)` also reports per-example losses and
+  correctness.
+* `x` is a batch of NHWC images in [0, 1]; `eps` and `step` are in pixel units.
+* The returned `delta` is float32, has the shape of `x`, and `x + delta` lies in
+  the box [0, 1]. Perturbation arithmetic is float32 even when the model computes
+  in bf16 (8/255 is only a handful of bf16 steps near 1.0): input gradients are
+  cast to float32 before they are used.
+* Input gradients are gradients of the *batch-mean* loss. With BatchNorm in batch
+  mode the examples are coupled through the batch statistics, exactly as in the
+  PyTorch references (which attack in `model.train()` mode); per-example losses
+  then depend on the rest of the batch. Signs and normalised L2 steps do not
+  depend on the 1/B factor of the mean.
+* Concrete arguments (Python numbers, NumPy and committed JAX arrays) are checked
+  at the call and a bad value raises a ValueError naming it; traced values inside
+  `jax.jit` pass unchecked (a warmed-up ε or a step that starts at 0 never forces
+  a recompile).
+
+The maximal l_inf norm of each attack's perturbation is given by
+`perturbation_set_radius(name, eps)`: ε for most, 2ε for FGSM-N, 3ε for N-FGSM.
+
+Where the papers and their code differ, a keyword argument selects; the defaults
+follow REFERENCE.md (the authors' code).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastadv_jax import _checks
+
+Array = jax.Array
+LossClosure = Callable[[Array], Array]
+
+NORMS = ("linf", "l2")
+SELECT_RULES = ("strict", "max_loss")
+ZEROGRAD_MASK_MODES = ("gradient", "perturbation")
+
+
+# ----------------------------------------------------------------------------
+# Boundary checks (concrete values only; tracers pass).
+# ----------------------------------------------------------------------------
+
+def _check_count(what: str, value: Any, minimum: int) -> None:
+  """Loop counts are static Python ints (they fix the compiled program)."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{what} must be a Python int >= {minimum}, got {value!r}.")
+  if value < minimum:
+    raise ValueError(f"{what} must be >= {minimum}, got {value!r}.")
+
+
+def _check_key(key: Any, attack: str) -> None:
+  if key is None:
+    raise ValueError(
+        f"{attack} draws random numbers and needs a jax.random key; got key=None.")
+
+
+def _check_common(x: Any, eps: Any, step: Any = None, *, norm: str = "linf") -> None:
+  _checks.check_images(x)
+  if norm == "linf":
+    _checks.check_eps(eps)
+  else:
+    # An l2 radius may exceed 1 (e.g. 3.0 on ImageNet); it only has to be >= 0.
+    _checks.check_nonnegative("eps", eps)
+  _checks.check_nonnegative("step", step)
+
+
+def _require_aux(loss_fn: Any, feature: str) -> None:
+  if not hasattr(loss_fn, "with_aux"):
+    raise ValueError(
+        f"{feature} needs per-example losses and correctness, but loss_fn "
+        f"{loss_fn!r} is a plain callable; build it with fastadv_jax.closures "
+        f"(e.g. closures.cross_entropy(logits_fn, labels)), whose LossFn has .with_aux.")
+
+
+# ----------------------------------------------------------------------------
+# Small building blocks (public: other modules reuse them).
+# ----------------------------------------------------------------------------
+
+def project_box(x: Array, delta: Array) -> Array:
+  """Returns the delta closest to `delta` with x + delta in [0, 1].
+
+  Written as a clip of delta to [-x, 1 - x], so that x + delta <= 1 holds exactly
+  in float32 as well.
+  """
+  return jnp.clip(delta, -x, 1.0 - x)
+
+
+def project_linf(delta: Array, eps: Any) -> Array:
+  """Projection onto the l_inf ball of radius eps (a clip)."""
+  return jnp.clip(delta, -eps, eps)
+
+
+def _per_example_norm(v: Array) -> Array:
+  """l2 norm over all non-batch axes, shaped for broadcasting against v."""
+  axes = tuple(range(1, v.ndim))
+  return jnp.sqrt(jnp.sum(jnp.square(v), axis=axes, keepdims=True))
+
+
+def project_l2(delta: Array, eps: Any) -> Array:
+  """Per-example projection onto the l2 ball of radius eps."""
+  norm = _per_example_norm(delta)
+  factor = jnp.minimum(1.0, eps / jnp.maximum(norm, 1e-12))
+  return delta * factor
+
+
+def per_example_quantile(values: Array, q: Any) -> Array:
+  """The q-quantile of each example's entries (all non-batch axes flattened).
+
+  Uses the 'linear' rule of `torch.quantile` (its default, which the ZeroGrad
+  authors' code uses) and of `numpy.quantile`: with the n entries sorted
+  v_0 <= ... <= v_{n-1}, position p = q (n - 1), i = floor(p),
+  quantile = v_i + (p - i) (v_{i+1} - v_i).
+
+  Args:
+    values: (B, ...) array.
+    q: quantile level in [0, 1] (may be traced).
+  Returns:
+    (B,) float32 quantiles.
+  """
+  flat = values.reshape(values.shape[0], -1).astype(jnp.float32)
+  n = flat.shape[1]
+  sorted_values = jnp.sort(flat, axis=1)
+  position = jnp.asarray(q, jnp.float32) * (n - 1)
+  below = jnp.clip(jnp.floor(position), 0, n - 1).astype(jnp.int32)
+  above = jnp.minimum(below + 1, n - 1)
+  weight = position - below.astype(jnp.float32)
+  v_below = sorted_values[:, below]
+  v_above = sorted_values[:, above]
+  return v_below + weight * (v_above - v_below)
+
+
+def _input_grad(loss_fn: LossClosure, point: Array) -> Array:
+  """float32 gradient of the batch-mean loss with respect to the input point."""
+  grad = jax.grad(lambda z: loss_fn(z))(point.astype(jnp.float32))
+  return grad.astype(jnp.float32)
+
+
+def _uniform(key: Array, shape, radius: Any) -> Array:
+  return jax.random.uniform(key, shape, jnp.float32, -1.0, 1.0) * radius
+
+
+def _as_float32(x: Array) -> Array:
+  return jnp.asarray(x, jnp.float32)
+
+
+def _maybe_tuple(delta, *extras):
+  """(delta, *requested extras) or delta alone when none was requested."""
+  requested = tuple(value for value, wanted in extras if wanted)
+  return (delta, *requested) if requested else delta
+
+
+# ----------------------------------------------------------------------------
+# Single-step attacks.
+# ----------------------------------------------------------------------------
+
+def no_attack(loss_fn: LossClosure, x: Array, key: Array | None = None, *,
+              eps: Any = 0.0) -> Array:
+  """The zero perturbation (standard training), for registries and configs."""
+  del loss_fn, key, eps
+  return jnp.zeros(jnp.shape(x), jnp.float32)
+
+
+def fgsm(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
+         step: Any = None, return_grad: bool = False):
+  """FGSM (Goodfellow et al. 2015) from the clean point.
+
+  delta = clip_eps(step * sign(grad_x loss(x))), then projected onto the box.
+
+  Args:
+    loss_fn: batch-mean loss closure.
+    x: images (B, H, W, C) in [0, 1].
+    key: unused (FGSM is deterministic); accepted for a uniform signature.
+    eps: l_inf radius.
+    step: step size alpha (default eps).
+    return_grad: also return the input gradient at x (GradAlign's g1).
+  Returns:
+    delta, or (delta, grad) with return_grad.
+  """
+  del key
+  _check_common(x, eps, step)
+  step = eps if step is None else step
+  x = _as_float32(x)
+  grad = _input_grad(loss_fn, x)
+  delta = project_box(x, project_linf(step * jnp.sign(grad), eps))
+  return _maybe_tuple(delta, (grad, return_grad))
+
+
+def fgsm_rs(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
+            step: Any = None, clip_init_to_box: bool = True,
+            return_grad: bool = False):
+  """FGSM with a random start (FGSM-RS; Wong et al. 2020, Alg. 3).
+
+  eta ~ U[-eps, eps]^d, delta = clip_eps(eta + step * sign(grad loss(x + eta))),
+  then projected onto the box.
+
+  Args:
+    loss_fn: batch-mean loss closure.
+    x: images in [0, 1].
+    key: PRNG key for eta.
+    eps: l_inf radius.
+    step: step alpha (default 1.25 eps, i.e. 10/255 at eps = 8/255).
+    clip_init_to_box: True (Wong's code) clips eta so that x + eta is in the box
+      before the step; False (the GradAlign code) keeps the unclipped eta in the
+      update, while the gradient is still taken at the box-clipped point.
+    return_grad: also return the input gradient at the box-clipped x + eta.
+  Returns:
+    delta, or (delta, grad).
+  """
+  _check_key(key, "fgsm_rs")
+  _check_common(x, eps, step)
+  step = 1.25 * eps if step is None else step
+  x = _as_float32(x)
+  eta = _uniform(key, x.shape, eps)
+  if clip_init_to_box:
+    eta = project_box(x, eta)
+  grad = _input_grad(loss_fn, x + project_box(x, eta))
+  delta = project_box(x, project_linf(eta + step * jnp.sign(grad), eps))
+  return _maybe_tuple(delta, (grad, return_grad))
+
+
+def zerograd(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any, q: Any,
+             step: Any = None, mask_mode: str = "gradient",
+             clip_init_to_box: bool = True, return_grad: bool = False):
+  """ZeroGrad (Golgooni et al. 2021): FGSM-RS with small gradient entries zeroed.
+
+  eta ~ U[-eps, eps]^d (box-clipped), g = grad loss(x + eta); per example,
+  t = q-quantile of |g| over all C*H*W entries (`per_example_quantile`, torch's
+  'linear' rule); the mask m = (|g| >= t) keeps the entries *not* strictly below t.
+
+  * mask_mode="gradient" (Alg. 1 and the authors' code, default):
+    delta = clip_eps(eta + step * sign(g * m)), so masked coordinates keep their
+    random-init value eta.
+  * mask_mode="perturbation" (Sec. 3.1, delta_bar = delta * 1(|g| >= t)): the
+    FGSM-RS perturbation with masked coordinates zeroed entirely (noise included).
+
+  Either way the result is projected onto the box.
+
+  Args:
+    loss_fn: batch-mean loss closure.
+    x: images in [0, 1].
+    key: PRNG key for eta.
+    eps: l_inf radius.
+    q: quantile level in [0, 1] (0.35 CIFAR-10, 0.45 CIFAR-100, 0.7 SVHN).
+    step: step alpha (default 2 eps).
+    mask_mode: "gradient" or "perturbation", see above.
+    clip_init_to_box: clip eta to the box before the step (the authors' code).
+    return_grad: also return the unmasked input gradient g at x + eta.
+  Returns:
+    delta, or (delta, grad).
+  """
+  _check_key(key, "zerograd")
+  _check_common(x, eps, step)
+  _checks.check_in_range("q", q, 0.0, 1.0)
+  _checks.check_choice("ZeroGrad mask_mode", mask_mode, ZEROGRAD_MASK_MODES)
+  step = 2.0 * eps if step is None else step
+  x = _as_float32(x)
+  eta = _uniform(key, x.shape, eps)
+  if clip_init_to_box:
+    eta = project_box(x, eta)
+  grad = _input_grad(loss_fn, x + project_box(x, eta))
+  threshold = per_example_quantile(jnp.abs(grad), q)
+  keep = jnp.abs(grad) >= threshold.reshape((-1,) + (1,) * (grad.ndim - 1))
+  if mask_mode == "gradient":
+    delta = project_linf(eta + step * jnp.sign(jnp.where(keep, grad, 0.0)), eps)
+  else:
+    delta = jnp.where(keep, project_linf(eta + step * jnp.sign(grad), eps), 0.0)
+  delta = project_box(x, delta)
+  return _maybe_tuple(delta, (grad, return_grad))
+
+
+def multigrad(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
+              num_starts: int = 3, step: Any = None, vectorize: bool = True,
+              return_grad: bool = False):
+  """MultiGrad (Golgooni et al. 2021): keep coordinates whose gradient signs agree.
+
+  Gradients g_1..g_N at N random starts x + eta_n, eta_n ~ U[-eps, eps]^d
+  (box-clipped); coordinate i is kept only where all N signs agree (and are
+  nonzero). delta = clip_eps(step * sign(g_1)) on kept coordinates and 0
+  elsewhere, starting from x (not from a random point); then box-projected.
+
+  Args:
+    loss_fn: batch-mean loss closure.
+    x: images in [0, 1].
+    key: PRNG key for the starts.
+    eps: l_inf radius.
+    num_starts: N (3 in the paper).
+    step: step alpha (default eps).
+    vectorize: True computes the N gradients with `jax.vmap` (each start is its
+      own batch, as in the authors' non-parallel code); False uses `lax.map`
+      (sequential, N times less memory).
+    return_grad: also return g_1.
+  Returns:
+    delta, or (delta, g_1).
+  """
+  _check_key(key, "multigrad")
+  _check_common(x, eps, step)
+  _check_count("num_starts", num_starts, 1)
+  step = eps if step is None else step
+  x = _as_float32(x)
+  keys = jax.random.split(key, num_starts)
+  etas = jax.vmap(lambda k: project_box(x, _uniform(k, x.shape, eps)))(keys)
+  grad_at = lambda eta: _input_grad(loss_fn, x + eta)
+  grads = jax.vmap(grad_at)(etas) if vectorize else jax.lax.map(grad_at, etas)
+  signs = jnp.sign(grads)
+  agree = jnp.abs(jnp.sum(signs, axis=0)) >= num_starts
+  delta = project_box(x, project_linf(step * jnp.where(agree, signs[0], 0.0), eps))
+  return _maybe_tuple(delta, (grads[0], return_grad))
+
+
+def n_fgsm(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
+           noise_mag: Any = None, step: Any = None,
+           clip_noise_to_box: bool = True, return_grad: bool = False,
+           return_noise: bool = False):
+  """N-FGSM (de Jorge et al. 2022, "Make some noise").
+
+  eta ~ U[-noise_mag, noise_mag]^d, clipped so that x + eta is in the box (as in
+  the authors' code); delta = eta + step * sign(grad loss(x + eta)), projected
+  onto the box only: there is **no** projection back to the eps-ball, so
+  ||delta||_inf <= noise_mag + step (3 eps with the defaults).
+
+  Args:
+    loss_fn: batch-mean loss closure.
+    x: images in [0, 1].
+    key: PRNG key for eta.
+    eps: nominal radius (sets the defaults).
+    noise_mag: noise half-width (default 2 eps).
+    step: step alpha (default eps).
+    clip_noise_to_box: clip eta to the box before the gradient (authors' code);
+      False keeps the raw eta in the update (the gradient is still taken at the
+      box-clipped point).
+    return_grad: also return the input gradient at x + eta.
+    return_noise: also return eta (the noisy point is x + eta).
+  Returns:
+    delta, or a tuple (delta, [grad], [eta]) with the requested extras in that order.
+  """
+  _check_key(key, "n_fgsm")
+  _check_common(x, eps, step)
+  _checks.check_nonnegative("noise_mag", noise_mag)
+  noise_mag = 2.0 * eps if noise_mag is None else noise_mag
+  step = eps if step is None else step
+  return _noisy_fgsm(loss_fn, x, key, noise_mag, step, clip_noise_to_box,
+                     return_grad, return_noise)
+
+
+def fgsm_n(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
+           step: Any = None, noise_mag: Any = None,
+           return_grad: bool = False, return_noise: bool = False):
+  """FGSM-N (Zhang et al. 2022), the single-step baseline of the AdvLC paper.
+
+  Not N-FGSM: eta ~ U[-eps, eps]^d clipped to the box, one step of size eps from
+  x + eta, no projection back to the eps-ball (box only), so ||delta||_inf can
+  reach 2 eps. In the AdvLC code the regularizer's "clean" logits are taken at the
+  noisy point x + eta (Eq. 14 of the paper uses f(x)); `return_noise=True` returns
+  eta so that the caller can do either.
+
+  Args:
+    loss_fn: batch-mean loss closure.
+    x: images in [0, 1].
+    key: PRNG key for eta.
+    eps: l_inf radius of the noise and default step.
+    step: step (default eps).
+    noise_mag: noise half-width (default eps).
+    return_grad: also return the input gradient at x + eta.
+    return_noise: also return eta (box-clipped; x + eta is the noisy point).
+  Returns:
+    delta, or a tuple (delta, [grad], [eta]) with the requested extras in that order.
+  """
+  _check_key(key, "fgsm_n")
+  _check_common(x, eps, step)
+  _checks.check_nonnegative("noise_mag", noise_mag)
+  noise_mag = eps if noise_mag is None else noise_mag
+  step = eps if step is None else step
+  return _noisy_fgsm(loss_fn, x, key, noise_mag, step, True, return_grad,
+                     return_noise)
+
+
+def _noisy_fgsm(loss_fn, x, key, noise_mag, step, clip_noise_to_box,
+                return_grad, return_noise):
+  x = _as_float32(x)
+  eta = _uniform(key, x.shape, noise_mag)
+  if clip_noise_to_box:
+    eta = project_box(x, eta)
+  grad = _input_grad(loss_fn, x + project_box(x, eta))
+  delta = project_box(x, eta + step * jnp.sign(grad))
+  return _maybe_tuple(delta, (grad, return_grad), (eta, return_noise))
+
+
+def random_corner(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
+                  step: Any = None, return_grad: bool = False):
+  """A random vertex of the eps-ball (GradAlign paper, Sec. 3 baselines).
+
+  The GradAlign code's `--attack random_corner` trains on delta = eps * sign(u),
+  u ~ U[-eps, eps]^d: a uniformly random corner of the l_inf ball, no gradient
+  step. That is the default here (`step=None`), box-projected (the authors' code
+  feeds x + delta to the model unclipped; here x + delta stays in [0, 1]).
+
+  With a `step`, one FGSM step is taken from the corner instead:
+  delta = clip_eps(corner + step * sign(grad loss(x + corner))), box-projected.
+  (To run PGD from a random corner, pass this function's result with `step=None`
+  as `pgd(..., delta_init=...)`.)
+
+  Args:
+    loss_fn: batch-mean loss closure (used only with a step or return_grad).
+    x: images in [0, 1].
+    key: PRNG key for the corner.
+    eps: l_inf radius.
+    step: None (pure random corner) or the FGSM step from the corner.
+    return_grad: also return an input gradient: at the corner point with a step;
+      without one, at the clean x (what the GradAlign code uses as g1 for this
+      attack).
+  Returns:
+    delta, or (delta, grad).
+  """
+  _check_key(key, "random_corner")
+  _check_common(x, eps, step)
+  x = _as_float32(x)
+  corner = project_box(x, eps * jax.random.rademacher(key, x.shape, jnp.float32))
+  if step is None:
+    if not return_grad:
+      return corner
+    return corner, _input_grad(loss_fn, x)
+  grad = _input_grad(loss_fn, x + corner)
+  delta = project_box(x, project_linf(corner + step * jnp.sign(grad), eps))
+  return _maybe_tuple(delta, (grad, return_grad))
+
+
+# ----------------------------------------------------------------------------
+# AT for Free.
+# ----------------------------------------------------------------------------
+
+def free_update(x: Array, delta: Array, grad: Array, *, eps: Any,
+                step: Any = None) -> Array:
+  """One AT-for-Free perturbation update from an input gradient already at hand.
+
+  new_delta = box(clip_eps(delta + step * sign(grad))). In the original
+  (Shafahi et al. 2019, Alg. 1) one backward pass at x + delta gives both the
+  weight gradient and `grad`; a train step that differentiates the loss with
+  respect to (params, delta) together gets `grad` for free and calls this.
+
+  Args:
+    x: images in [0, 1].
+    delta: the carried perturbation (for a new minibatch, the previous one's).
+    grad: input gradient of the loss at the box-clipped x + delta.
+    eps: l_inf radius.
+    step: step (default eps, as in the paper).
+  Returns:
+    The new float32 delta.
+  """
+  _checks.check_eps(eps)
+  _checks.check_nonnegative("step", step)
+  step = eps if step is None else step
+  x = _as_float32(x)
+  grad = jnp.asarray(grad).astype(jnp.float32)
+  new = jnp.asarray(delta, jnp.float32) + step * jnp.sign(grad)
+  return project_box(x, project_linf(new, eps))
+
+
+def free_step(loss_fn: LossClosure, x: Array, delta: Array, *, eps: Any,
+              step: Any = None, return_grad: bool = False):
+  """AT for Free (Shafahi et al. 2019): one replay's update of the carried delta.
+
+  g = grad loss at the box-clipped x + delta (delta carried over from the previous
+  replay or minibatch; zeros at the very start); new delta =
+  box(clip_eps(delta + step * sign(g))).
+
+  How the train step uses it: in the original algorithm the weight gradient is
+  taken at x + delta *before* this update, from the same forward/backward pass,
+  so one replay costs one pass; the train step can reproduce that by
+  differentiating with respect to (params, delta) jointly and calling
+  `free_update` with the input gradient. Calling `free_step` and then training at
+  x + new_delta costs two passes, which is what the GradAlign code does.
+
+  Args:
+    loss_fn: batch-mean loss closure.
+    x: images in [0, 1].
+    delta: carried perturbation, same shape as x.
+    eps: l_inf radius.
+    step: step (default eps).
+    return_grad: also return g.
+  Returns:
+    new delta, or (new delta, g).
+  """
+  _check_common(x, eps, step)
+  _checks.check_same_shape("delta", delta, "x", x)
+  x = _as_float32(x)
+  delta = jnp.asarray(delta, jnp.float32)
+  grad = _input_grad(loss_fn, x + project_box(x, delta))
+  new_delta = free_update(x, delta, grad, eps=eps, step=step)
+  return _maybe_tuple(new_delta, (grad, return_grad))
+
+
+# ----------------------------------------------------------------------------
+# PGD.
+# ----------------------------------------------------------------------------
+
+def pgd(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
+        step: Any, steps: int, restarts: int = 1, random_start: bool = True,
+        early_stop: bool = False, select: str = "strict",
+        keep_best: bool = False, norm: str = "linf",
+        delta_init: Array | None = None, clip_init_to_box: bool = True) -> Array:
+  """Projected gradient ascent (Madry et al. 2018) with restarts.
+
+  Per restart: a start delta_0 (see below); then `steps` times
+  delta <- box(ball(delta + step * d)), d = sign(g) ("linf") or g / ||g||_2
+  ("l2"), with g the input gradient of the batch-mean loss at x + delta. For
+  l_inf the order of the two projections does not matter (clips of two intervals
+  that both contain 0); for l2 the box comes last, which keeps the point in the
+  ball. Restarts run in a `lax.fori_loop`; restart r uses
+  `jax.random.fold_in(key, r)`. Everything is masked, nothing changes shape.
+
+  Start: delta_init when given (projected onto the ball, and onto the box with
+  clip_init_to_box); else, with random_start, U[-eps, eps]^d ("linf") or a uniform
+  direction times eps * U[0, 1] ("l2", as in Rice et al.'s code); else zero.
+
+  Per-example options (need a `closures.LossFn`):
+    * early_stop: examples already misclassified at the current iterate are not
+      updated (Wong's and ZeroGrad's evaluation code).
+    * keep_best: per example, the restart reports its iterate with the highest
+      per-example loss seen, the start included, instead of its last iterate.
+    * restarts > 1: per example one restart's point is returned:
+      select="strict" (default): a restart whose reported point is misclassified
+      if any does (the one of highest loss among those), else the one with the
+      highest loss. Robust accuracy is then exactly the accuracy at x + delta,
+      and an example counts as robust only if no restart fools it.
+      select="max_loss": the highest final per-example loss (the GradAlign, Wong
+      and ZeroGrad code; ties go to the later restart, as there).
+
+  Reference settings: PGD-50-10 evaluation: steps=50, restarts=10, step=eps/4;
+  GradAlign's training PGD-2 (step eps/2) and PGD-10 (step 2 eps/10) use
+  random_start=False; AdvLC's PGD-10 training: step eps/4, random_start=False.
+
+  The loss is always evaluated at the box-clipped point; with
+  clip_init_to_box=False (the GradAlign training code) the unclipped start enters
+  the first update.
+
+  Args:
+    loss_fn: batch-mean loss closure (a LossFn for the per-example options).
+    x: images in [0, 1].
+    key: PRNG key; may be None without random_start.
+    eps: radius of the ball.
+    step: step size.
+    steps: number of steps (a Python int >= 0).
+    restarts: number of restarts (a Python int >= 1; > 1 needs random_start).
+    random_start: random start (ignored when delta_init is given).
+    early_stop: freeze examples once misclassified.
+    select: restart rule, "strict" or "max_loss".
+    keep_best: report each restart's best iterate.
+    norm: "linf" or "l2".
+    delta_init: optional start, same shape as x.
+    clip_init_to_box: project the start onto the box.
+  Returns:
+    delta (float32, shape of x) with x + delta in [0, 1] and ||delta|| <= eps.
+  """
+  _check_common(x, eps, step, norm=norm)
+  _checks.check_choice("norm", norm, NORMS)
+  _checks.check_choice("restart selection rule select", select, SELECT_RULES)
+  _check_count("steps", steps, 0)
+  _check_count("restarts", restarts, 1)
+  if delta_init is not None:
+    _checks.check_same_shape("delta_init", delta_init, "x", x)
+    if restarts > 1:
+      raise ValueError(
+          f"restarts={restarts} with delta_init: every restart would start from "
+          f"delta_init and give the same result; use restarts=1.")
+  elif restarts > 1 and not random_start:
+    raise ValueError(
+        f"restarts={restarts} without random_start: all restarts would be "
+        f"identical; set random_start=True or restarts=1.")
+  needs_random = delta_init is None and random_start
+  if needs_random:
+    _check_key(key, "pgd with random_start")
+  if early_stop:
+    _require_aux(loss_fn, "pgd(early_stop=True)")
+  if keep_best:
+    _require_aux(loss_fn, "pgd(keep_best=True)")
+  if restarts > 1:
+    _require_aux(loss_fn, f"pgd(restarts={restarts}) (per-example restart selection)")
+  use_aux = early_stop or keep_best or restarts > 1
+
+  x = _as_float32(x)
+  batch = x.shape[0]
+  per_example_shape = (batch,) + (1,) * (x.ndim - 1)
+  ball = project_linf if norm == "linf" else project_l2
+  if key is None:
+    key = jax.random.PRNGKey(0)  # unused: deterministic start
+
+  def expand(mask):
+    return mask.reshape(per_example_shape)
+
+  def start(restart_key):
+    if delta_init is not None:
+      delta = ball(jnp.asarray(delta_init, jnp.float32), eps)
+    elif random_start and norm == "linf":
+      delta = _uniform(restart_key, x.shape, eps)
+    elif random_start:
+      direction = jax.random.normal(restart_key, x.shape, jnp.float32)
+      direction = direction / jnp.maximum(_per_example_norm(direction), 1e-12)
+      radius = jax.random.uniform(jax.random.fold_in(restart_key, 1),
+                                  per_example_shape, jnp.float32)
+      delta = direction * radius * eps
+    else:
+      delta = jnp.zeros(x.shape, jnp.float32)
+    return project_box(x, delta) if clip_init_to_box else delta
+
+  def ascent_direction(grad):
+    if norm == "linf":
+      return jnp.sign(grad)
+    return grad / jnp.maximum(_per_example_norm(grad), 1e-12)
+
+  def evaluate(delta):
+    """Batch-mean loss gradient and per-example info at the box-clipped point."""
+    point = x + project_box(x, delta)
+    if use_aux:
+      (_, aux), grad = jax.value_and_grad(loss_fn.with_aux, has_aux=True)(point)
+      return grad.astype(jnp.float32), aux.losses.astype(jnp.float32), aux.correct
+    grad = _input_grad(loss_fn, point)
+    return grad, None, None
+
+  def run_restart(restart_key):
+    delta = start(restart_key)
+    best_delta = delta
+    best_loss = jnp.full((batch,), -jnp.inf, jnp.float32)
+    best_correct = jnp.ones((batch,), bool)
+
+    def body(_, carry):
+      delta, best_delta, best_loss, best_correct = carry
+      grad, losses, correct = evaluate(delta)
+      if keep_best:
+        # The iterate at which this gradient was taken; the start included.
+        better = losses > best_loss
+        best_delta = jnp.where(expand(better), delta, best_delta)
+        best_loss = jnp.where(better, losses, best_loss)
+        best_correct = jnp.where(better, correct, best_correct)
+      new_delta = project_box(x, ball(delta + step * ascent_direction(grad), eps))
+      if early_stop:
+        new_delta = jnp.where(expand(correct), new_delta, delta)
+      return new_delta, best_delta, best_loss, best_correct
+
+    delta, best_delta, best_loss, best_correct = jax.lax.fori_loop(
+        0, steps, body, (delta, best_delta, best_loss, best_correct))
+    delta = project_box(x, delta)
+    if not use_aux:
+      return delta, None, None
+    _, aux = loss_fn.with_aux(x + delta)
+    losses, correct = aux.losses.astype(jnp.float32), aux.correct
+    if keep_best:
+      better = losses > best_loss
+      delta = jnp.where(expand(better), delta, project_box(x, best_delta))
+      losses = jnp.where(better, losses, best_loss)
+      correct = jnp.where(better, correct, best_correct)
+    return delta, losses, correct
+
+  if restarts == 1:
+    return run_restart(jax.random.fold_in(key, 0))[0]
+
+  def restart_body(r, carry):
+    best_delta, best_loss, best_fooled = carry
+    delta, losses, correct = run_restart(jax.random.fold_in(key, r))
+    fooled = jnp.logical_not(correct)
+    take = losses >= best_loss
+    if select == "strict":
+      take = jnp.where(fooled == best_fooled, take, fooled)
+    best_delta = jnp.where(expand(take), delta, best_delta)
+    best_loss = jnp.where(take, losses, best_loss)
+    best_fooled = jnp.where(take, fooled, best_fooled)
+    return best_delta, best_loss, best_fooled
+
+  init = (jnp.zeros(x.shape, jnp.float32),
+          jnp.full((batch,), -jnp.inf, jnp.float32),
+          jnp.zeros((batch,), bool))
+  best_delta, _, _ = jax.lax.fori_loop(0, restarts, restart_body, init)
+  return best_delta
+
+
+def pgd_corner(loss_fn: LossClosure, x: Array, key: Array | None = None, *,
+               eps: Any, step: Any, steps: int, **pgd_kwargs) -> Array:
+  """PGD projected onto the corners of the eps-ball (GradAlign paper, Sec. 3).
+
+  The GradAlign code's `--attack pgd_corner`: delta_pgd = pgd(...), then
+  delta = box(eps * sign(delta_pgd)); coordinates where PGD left delta at exactly
+  0 stay 0 (sign(0) = 0, as in torch). It tests whether FGSM points lying on the
+  corners explains catastrophic overfitting.
+
+  Args:
+    loss_fn, x, key, eps, step, steps: as for `pgd`.
+    **pgd_kwargs: further `pgd` options (random_start, restarts, ...).
+  Returns:
+    delta on the box-projected corners.
+  """
+  delta = pgd(loss_fn, x, key, eps=eps, step=step, steps=steps, **pgd_kwargs)
+  x = _as_float32(x)
+  return project_box(x, eps * jnp.sign(delta))
+
+
+# ----------------------------------------------------------------------------
+# Registry.
+# ----------------------------------------------------------------------------
+
+ATTACKS: dict[str, Callable[..., Any]] = {
+    "none": no_attack,
+    "fgsm": fgsm,
+    "fgsm_rs": fgsm_rs,
+    "pgd": pgd,
+    "zerograd": zerograd,
+    "multigrad": multigrad,
+    "n_fgsm": n_fgsm,
+    "fgsm_n": fgsm_n,
+    "random_corner": random_corner,
+    "pgd_corner": pgd_corner,
+}
+"""Attacks with the signature `fn(loss_fn, x, key, *, eps, ...) -> delta`.
+
+AT for Free is not here: it carries delta across replays (`free_step`,
+`free_update`), which the train step handles.
+"""
+
+
+def get_attack(name: str) -> Callable[..., Any]:
+  """The attack registered under `name` (one of `ATTACKS`)."""
+  _checks.check_choice("attack", name, ATTACKS)
+  return ATTACKS[name]
+
+
+def perturbation_set_radius(name: str, eps: Any, *, step: Any = None,
+                            noise_mag: Any = None) -> Any:
+  """Largest l_inf norm the attack `name` can return at radius eps.
+
+  eps for the projected attacks; 0 for "none"; noise_mag + step for the
+  unprojected ones: 3 eps for "n_fgsm" and 2 eps for "fgsm_n" with their defaults.
+  For pgd with norm="l2" the l2 radius eps also bounds the l_inf norm.
+  """
+  _checks.check_choice("attack", name, ATTACKS)
+  if name == "none":
+    return 0.0 * eps
+  if name == "n_fgsm":
+    return (2.0 * eps if noise_mag is None else noise_mag) + (
+        eps if step is None else step)
+  if name == "fgsm_n":
+    return (eps if noise_mag is None else noise_mag) + (eps if step is None else step)
+  return eps
