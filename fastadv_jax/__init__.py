@@ -1,5 +1,17 @@
-"""fastadv_jax: fast adversarial training in JAX/Flax."""
+"""fastadv_jax: fast adversarial training in JAX/Flax.
 
-from fastadv_jax import closures
+Attacks, regularizers and metrics are pure functions of closures (`closures`);
+the train step, the loop and evaluation sit around them (`train`, `evaluate`).
+"""
 
 __version__ = "0.1.0"
+
+from fastadv_jax import attacks
+from fastadv_jax import closures
+from fastadv_jax import metrics
+from fastadv_jax import models
+from fastadv_jax import regularizers
+from fastadv_jax import schedules
+
+__all__ = ["attacks", "closures", "metrics", "models", "regularizers", "schedules",
+           "__version__"]

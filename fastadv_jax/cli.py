@@ -45,6 +45,9 @@ def train_main(argv=None) -> None:
   def main(argv):
     del argv
     import json  # pylint: disable=g-import-not-at-top
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     _enable_compilation_cache()
     _maybe_initialize_distributed(flags.FLAGS.multihost)
     from fastadv_jax import train  # pylint: disable=g-import-not-at-top

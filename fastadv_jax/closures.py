@@ -40,7 +40,7 @@ BN_MODES = ("batch", "eval")
 
 
 def logits_fn(model: Any, variables: Any, *, bn: str = "eval",
-              dtype: Any = jnp.float32) -> LogitsFn:
+              dtype: Any = None) -> LogitsFn:
   """Returns `x -> logits` for a Linen `model` with call signature `(x, train)`.
 
   Args:
@@ -48,8 +48,9 @@ def logits_fn(model: Any, variables: Any, *, bn: str = "eval",
     variables: its variables (`{"params": ..., "batch_stats": ...}`).
     bn: "batch" (batch statistics; running averages are not updated) or
       "eval" (running averages).
-    dtype: dtype of the returned logits (float32: losses and their gradients
-      stay in float32 even when the model computes in bf16).
+    dtype: dtype of the returned logits; None promotes to at least float32
+      (losses and their gradients stay in float32 when the model computes in
+      bf16, and float64 stays float64).
   Returns:
     A pure function of a batch of images NHWC in [0, 1].
   """
@@ -62,7 +63,7 @@ def logits_fn(model: Any, variables: Any, *, bn: str = "eval",
       logits, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
     else:
       logits = model.apply(variables, x, train=bn == "batch")
-    return logits.astype(dtype)
+    return _at_least_float32(logits) if dtype is None else logits.astype(dtype)
 
   return apply
 
@@ -97,10 +98,14 @@ class LossFn:
     return self.with_aux(x)[0]
 
 
+def _at_least_float32(logits: Array) -> Array:
+  """bf16/fp16 logits are promoted to float32; float64 stays float64."""
+  return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+
+
 def cross_entropy_per_example(logits: Array, labels: Array) -> Array:
-  """Softmax cross-entropy per example, in float32."""
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels)
+  """Softmax cross-entropy per example, in float32 (or float64 for float64 logits)."""
+  return optax.softmax_cross_entropy_with_integer_labels(_at_least_float32(logits), labels)
 
 
 def dlr_per_example(logits: Array, labels: Array) -> Array:
@@ -109,7 +114,7 @@ def dlr_per_example(logits: Array, labels: Array) -> Array:
   DLR(x, y) = -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12), with z
   sorted in decreasing order. Larger is better for the attacker.
   """
-  logits = logits.astype(jnp.float32)
+  logits = _at_least_float32(logits)
   num_classes = logits.shape[-1]
   onehot = jax.nn.one_hot(labels, num_classes, dtype=bool)
   z_y = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
@@ -121,7 +126,7 @@ def dlr_per_example(logits: Array, labels: Array) -> Array:
 
 def dlr_targeted_per_example(logits: Array, labels: Array, targets: Array) -> Array:
   """Targeted DLR (Croce & Hein 2020, Eq. 7): -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4)/2)."""
-  logits = logits.astype(jnp.float32)
+  logits = _at_least_float32(logits)
   z_y = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
   z_t = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
   z_sorted = jnp.sort(logits, axis=-1)
@@ -131,7 +136,7 @@ def dlr_targeted_per_example(logits: Array, labels: Array, targets: Array) -> Ar
 
 def margin_per_example(logits: Array, labels: Array) -> Array:
   """Carlini-Wagner margin max_{i != y} z_i - z_y (positive once misclassified)."""
-  logits = logits.astype(jnp.float32)
+  logits = _at_least_float32(logits)
   onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
   z_y = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
   z_other = jnp.max(jnp.where(onehot, -jnp.inf, logits), axis=-1)

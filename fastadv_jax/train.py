@@ -644,7 +644,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     co_monitor = monitor_lib.CatastrophicOverfittingMonitor.from_state_dict(meta["co_monitor"])
     early = monitor_lib.EarlyStopping.from_state_dict(meta["early_stopping"])
     meta_extra = meta["extra"]
-    logging.info("Resumed from %s at step %d.", last_ckpt.directory, step0)
+    print(f"Resumed from {last_ckpt.directory} at step {step0}.", flush=True)
     if is_main:
       _truncate_metrics_log(os.path.join(workdir, "metrics.jsonl"), step0)
   elif is_main:
@@ -729,7 +729,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             save(step, r_state, best_ckpt, {"early_stopping_acc": es["pgd_acc"]})
           if stop:
             meta_extra["stopped_early"] = True
-            logging.info("Early stopping at step %d (PGD accuracy dropped).", step)
+            print(f"Early stopping at step {step} (PGD accuracy dropped).", flush=True)
         if do_eval:
           ev = run_eval(p_eval_step, variables_of(r_state), eval_x, eval_y,
                         config.eval.batch_size, jax.random.fold_in(eval_key, step),

@@ -265,3 +265,23 @@ def test_corrupt_newest_checkpoint_falls_back(npz_dataset, tmp_path):
              if issubclass(w.category, checkpoints.CheckpointCorruptWarning))
   assert newest.exists()  # left in place
   assert variables["params"]
+
+
+def test_short_real_run_single_layer_cnn_learns(tmp_path):
+  """The README's main job in small: the single-layer CNN on real CIFAR-10 (JPEG)."""
+  from fastadv_jax import data
+  try:
+    data.load_split("cifar10", "test[:16]", source="auto", progress=False)
+  except data.DatasetNotFoundError as e:
+    pytest.fail(f"CIFAR-10 (JPEG) from ../shared/data is needed: {e}")
+  config = load_config_module("cifar10").get_config("cnn_fgsm")
+  config.data.train_subset = 5120
+  config.num_epochs = 4
+  config.eval.update(n=500, batch_size=250, pgd_steps=2)
+  config.final_eval.enabled = False
+  config.log_every_steps = 20
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
+  assert summary["step"] == 4 * (5120 // 128)
+  # Chance is 0.10; the FGSM-trained single-layer CNN learns well above it.
+  assert summary["last_eval"]["eval/clean_acc"] > 0.25, summary["last_eval"]
+  assert summary["last_eval"]["eval/n"] == 500
