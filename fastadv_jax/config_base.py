@@ -67,6 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
   # AT for Free: each minibatch is replayed `replays` times; num_epochs counts
   # replayed iterations (passes over the data = num_epochs / replays).
   c.free = ml_collections.ConfigDict(dict(replays=1))
+  # Stochastic weight averaging (AdvLC): average the weights at the end of every
+  # epoch from `start_epoch` on; BatchNorm statistics are recomputed on
+  # `bn_batches` training batches at the end; evaluated as the "swa" state.
+  c.swa = ml_collections.ConfigDict(dict(enabled=False, start_epoch=0, bn_batches=100))
   c.seed = 0
   c.log_every_steps = 50
   c.eval_every_steps = 0   # 0: once per epoch

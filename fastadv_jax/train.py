@@ -64,6 +64,9 @@ class TrainState(flax.struct.PyTreeNode):
   # AT for Free: the perturbation carried across replays and minibatches
   # (per device, shape of the per-device batch); a scalar placeholder otherwise.
   free_delta: jax.Array
+  # Stochastic weight averaging (AdvLC's "+SWA" rows): {"params", "batch_stats",
+  # "count"} when config.swa.enabled, else {}.
+  swa: dict[str, Any]
 
 
 # --------------------------------------------------------------------------
@@ -161,9 +164,14 @@ def create_train_state(config, model, tx, key, image_shape, host_batch: int
     free_delta = jnp.zeros((host_batch,) + tuple(image_shape), jnp.float32)
   else:
     free_delta = jnp.zeros((), jnp.float32)
+  swa = {}
+  if config.swa.enabled:
+    swa = {"params": jax.tree_util.tree_map(jnp.copy, params),
+           "batch_stats": jax.tree_util.tree_map(jnp.copy, batch_stats),
+           "count": jnp.int32(0)}
   return TrainState(step=jnp.int32(0), params=params, batch_stats=batch_stats,
                     opt_state=tx.init(params), hparams=initial_hparams(config),
-                    free_delta=free_delta)
+                    free_delta=free_delta, swa=swa)
 
 
 # --------------------------------------------------------------------------
@@ -458,7 +466,40 @@ def unreplicate(tree):
 def _state_dict(state: TrainState) -> dict:
   return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
           "opt_state": state.opt_state, "hparams": state.hparams,
-          "free_delta": state.free_delta}
+          "free_delta": state.free_delta, "swa": state.swa}
+
+
+def _swa_update(state: TrainState) -> TrainState:
+  """Adds the current weights to the equal-weight running average (Izmailov et al. 2018)."""
+  count = state.swa["count"]
+  params = jax.tree_util.tree_map(
+      lambda avg, p: avg + (p - avg) / (count + 1).astype(p.dtype), state.swa["params"],
+      state.params)
+  return state.replace(swa=dict(state.swa, params=params, count=count + 1))
+
+
+def recompute_batch_stats(model, params, batch_stats, batches) -> Any:
+  """BatchNorm running statistics of `params`, averaged equally over `batches`.
+
+  What `torch.optim.swa_utils.update_bn` does for an averaged model: the batch
+  statistics of each batch (recovered from Flax's momentum update) are averaged
+  with equal weights. `batches` yields float images in [0, 1].
+  """
+  momentum = 0.9  # fastadv_jax.models BatchNorm: PyTorch's 0.1
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, batch_stats)
+
+  @jax.jit
+  def batch_statistics(x):
+    _, mutated = model.apply({"params": params, "batch_stats": zeros}, x, train=True,
+                             mutable=["batch_stats"])
+    return jax.tree_util.tree_map(lambda new: new / (1 - momentum), mutated["batch_stats"])
+
+  total, n = None, 0
+  for x in batches:
+    stats = batch_statistics(x)
+    total = stats if total is None else jax.tree_util.tree_map(jnp.add, total, stats)
+    n += 1
+  return jax.tree_util.tree_map(lambda t: t / n, total)
 
 
 def _sync_batch_stats(state: TrainState) -> TrainState:
@@ -551,8 +592,100 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 # The loop.
 
 
+class ArrayTrainData:
+  """An in-memory training set (CIFAR-10/100, SVHN): one batch size throughout."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int):
+    if len(images) < batch_size:
+      raise ValueError(f"batch_size={batch_size} is larger than the training set "
+                       f"({len(images)} examples).")
+    self.images, self.labels = images, labels
+    self.batch_size, self.seed = batch_size, seed
+
+  def steps_in_epoch(self, epoch: int) -> int:
+    del epoch
+    return len(self.images) // self.batch_size
+
+  def batch_size_at(self, epoch: int) -> int:
+    del epoch
+    return self.batch_size
+
+  def image_shape_at(self, epoch: int) -> tuple[int, ...]:
+    del epoch
+    return tuple(self.images.shape[1:])
+
+  @property
+  def schedule_steps_per_epoch(self) -> int:
+    return self.steps_in_epoch(0)
+
+  def batches(self, epoch: int, start_step: int):
+    return data_lib.train_batches(
+        self.images, self.labels, batch_size=self.batch_size, seed=self.seed, epoch=epoch,
+        start_step=start_step, process_index=jax.process_index(),
+        process_count=jax.process_count())
+
+
+class ImageNetTrainData:
+  """Streaming ImageNet with Wong et al.'s progressive resizing (config.imagenet_phases).
+
+  Each phase has its own crop size and batch size, so the train step compiles
+  once per phase.
+  """
+
+  def __init__(self, config):
+    from fastadv_jax.data import imagenet  # pylint: disable=g-import-not-at-top
+    self._imagenet = imagenet
+    p = config.imagenet_phases
+    ends = list(p.start_epochs[1:]) + [config.num_epochs]
+    self.phases = tuple(
+        imagenet.ResizePhase(int(s), int(e), int(c), int(b), int(r) if r else None)
+        for s, e, c, b, r in zip(p.start_epochs, ends, p.crop_sizes, p.batch_sizes,
+                                 p.resize_sizes))
+    imagenet.check_phases(self.phases)
+    self.seed = config.seed
+    self.source = imagenet.imagenet_source("train", data_dir=config.data.data_dir or None)
+
+  def phase(self, epoch: int):
+    return self._imagenet.progressive_resize_phase(epoch, self.phases)
+
+  def steps_in_epoch(self, epoch: int) -> int:
+    return data_lib.steps_per_epoch(len(self.source), self.phase(epoch).batch_size)
+
+  def batch_size_at(self, epoch: int) -> int:
+    return self.phase(epoch).batch_size
+
+  def image_shape_at(self, epoch: int) -> tuple[int, ...]:
+    size = self.phase(epoch).image_size
+    return (size, size, 3)
+
+  @property
+  def schedule_steps_per_epoch(self) -> tuple[int, ...]:
+    return tuple(self.steps_in_epoch(p.start_epoch) for p in self.phases)
+
+  def batches(self, epoch: int, start_step: int):
+    return self._imagenet.train_batches(
+        self.source, phase=self.phase(epoch), seed=self.seed, epoch=epoch,
+        start_step=start_step, process_index=jax.process_index(),
+        process_count=jax.process_count())
+
+
 def load_data(config):
-  """Train and test arrays (uint8 images, int32 labels) for in-memory datasets."""
+  """(train data, (test images, test labels)): the training source and the evaluation set.
+
+  In-memory datasets load whole; ImageNet streams its training set and decodes
+  the first `max(eval.n, final_eval.n)` validation images (288 px centre crops).
+  """
+  if config.dataset == "imagenet2012":
+    from fastadv_jax.data import imagenet  # pylint: disable=g-import-not-at-top
+    train_data = ImageNetTrainData(config)
+    val = imagenet.imagenet_source("validation", data_dir=config.data.data_dir or None)
+    n = min(len(val), max(config.eval.n, config.final_eval.n))
+    xs, ys = [], []
+    for x, y, mask in imagenet.eval_batches(val, batch_size=config.eval.batch_size,
+                                            num_examples=n):
+      xs.append(x[mask])
+      ys.append(y[mask])
+    return train_data, (np.concatenate(xs), np.concatenate(ys))
   kwargs = dict(source=config.data.source, data_dir=config.data.data_dir or None,
                 local_path=config.data.local_path or None)
   train_images, train_labels = data_lib.load_split(config.dataset, "train", **kwargs)
@@ -560,7 +693,8 @@ def load_data(config):
   if config.data.train_subset:
     train_images = train_images[:config.data.train_subset]
     train_labels = train_labels[:config.data.train_subset]
-  return (train_images, train_labels), (test_images, test_labels)
+  return (ArrayTrainData(train_images, train_labels, config.batch_size, config.seed),
+          (test_images, test_labels))
 
 
 def _apply_adjustments(hparams: dict, adjust: dict) -> dict:
@@ -599,27 +733,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
 
-  (train_images, train_labels), (test_images, test_labels) = load_data(config)
-  global_batch = config.batch_size
-  per_host_batch = global_batch // jax.process_count()
-  per_device_batch = per_host_batch // num_devices
-  steps_per_epoch = len(train_images) // global_batch
-  if steps_per_epoch == 0:
-    raise ValueError(f"batch_size={global_batch} is larger than the training set "
-                     f"({len(train_images)} examples).")
+  train_data, (test_images, test_labels) = load_data(config)
   replays = config.free.replays
-  num_steps = total_steps(config, steps_per_epoch)
+  # Iterations at which each epoch starts (AT for Free: replayed iterations).
+  epoch_starts = np.concatenate([[0], np.cumsum(
+      [train_data.steps_in_epoch(e) * replays for e in range(config.num_epochs)])])
+  num_steps = int(epoch_starts[-1])
   if max_steps is not None:
     num_steps = min(num_steps, max_steps)
-  eval_every = config.eval_every_steps or steps_per_epoch * replays
-  ckpt_every = config.checkpoint_every_steps or steps_per_epoch * replays
+  steps_per_epoch = train_data.schedule_steps_per_epoch
+
+  def epoch_of(step: int) -> int:
+    return int(np.searchsorted(epoch_starts, step, side="right") - 1)
+
+  def fractional_epoch(step: int) -> float:
+    e = epoch_of(step)
+    if e >= config.num_epochs:
+      return float(config.num_epochs)
+    return e + (step - epoch_starts[e]) / (epoch_starts[e + 1] - epoch_starts[e])
+
+  def is_boundary(step: int, every: int) -> bool:
+    """Every `every` steps, or at the end of each epoch when `every` is 0."""
+    return step % every == 0 if every else step in epoch_starts
 
   model = create_model(config)
   eval_model = create_model(config, dtype="float32")
   tx = create_optimizer(config, steps_per_epoch)
-  image_shape = tuple(train_images.shape[1:])
   init_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), -1 % (2**31))
-  state = create_train_state(config, model, tx, init_key, image_shape, per_host_batch)
+  state = create_train_state(config, model, tx, init_key, train_data.image_shape_at(0),
+                             train_data.batch_size_at(0) // jax.process_count())
 
   config_dict = json.loads(config.to_json_best_effort())
   last_ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -660,18 +802,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   r_state = to_devices(state, devices)
   p_sync = jax.pmap(_sync_batch_stats, axis_name=AXIS, donate_argnums=(0,))
+  p_swa = jax.pmap(_swa_update, axis_name=AXIS, donate_argnums=(0,))
   lr_fn = create_learning_rate_fn(config, steps_per_epoch)
 
   eval_n = min(config.eval.n, len(test_images))
   eval_x, eval_y = test_images[:eval_n], test_labels[:eval_n]
-  es_n = min(config.early_stopping.n_points, len(train_images))
-  es_x, es_y = train_images[:es_n], train_labels[:es_n]
+  if config.early_stopping.enabled:
+    es_x, es_y = next(iter(train_data.batches(0, 0))) if isinstance(
+        train_data, ImageNetTrainData) else (train_data.images, train_data.labels)
+    es_x, es_y = es_x[:config.early_stopping.n_points], es_y[:config.early_stopping.n_points]
   eval_key = jax.random.PRNGKey(config.seed + 2)
 
   def save(step: int, r_state, checkpointer, extra_meta=None):
     meta = {"config": config_dict, "co_monitor": co_monitor.state_dict(),
             "early_stopping": early.state_dict(), "extra": meta_extra,
-            "epoch": step / (steps_per_epoch * replays)}
+            "epoch": fractional_epoch(step)}
     meta.update(extra_meta or {})
     checkpointer.save(step, _state_dict(to_host(r_state)), meta)
 
@@ -686,14 +831,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   last_eval: dict[str, Any] = {}
   train_t0 = time.time()
   while step < num_steps and not meta_extra["stopped_early"]:
-    data_step = step // replays
-    epoch, in_epoch = divmod(data_step, steps_per_epoch)
-    batches = data_lib.train_batches(
-        train_images, train_labels, batch_size=global_batch, seed=config.seed, epoch=epoch,
-        start_step=in_epoch, process_index=jax.process_index(),
-        process_count=jax.process_count())
+    epoch = epoch_of(step)
+    in_epoch = (step - int(epoch_starts[epoch])) // replays
+    global_batch = train_data.batch_size_at(epoch)
+    per_host_batch = global_batch // jax.process_count()
+    per_device_batch = per_host_batch // num_devices
     rolled_back = False
-    for images, labels in batches:
+    for images, labels in train_data.batches(epoch, in_epoch):
       # The example's position in the epoch keys its augmentation.
       idx = (in_epoch * global_batch + jax.process_index() * per_host_batch +
              np.arange(per_host_batch)).astype(np.int32)
@@ -709,13 +853,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           tm = jax.device_get(unreplicate(train_metrics))
           tm = {k: float(v) for k, v in tm.items()}
           tm["train/lr"] = float(lr_fn(step - 1))
-          tm["epoch"] = step / (steps_per_epoch * replays)
+          tm["epoch"] = fractional_epoch(step)
           writer.write(step, tm)
           bar.set_postfix(loss=f"{tm['train/loss']:.3f}", acc=f"{tm['train/adv_acc']:.3f}")
-        do_eval = step % eval_every == 0 or step == num_steps
+        do_eval = is_boundary(step, config.eval_every_steps) or step == num_steps
         do_es = (config.early_stopping.enabled and
                  step % config.early_stopping.every_steps == 0)
-        do_ckpt = step % ckpt_every == 0 or step == num_steps
+        do_ckpt = is_boundary(step, config.checkpoint_every_steps) or step == num_steps
+        if config.swa.enabled and step in epoch_starts and epoch_of(step) > config.swa.start_epoch:
+          r_state = p_swa(r_state)
         if do_eval or do_es or do_ckpt:
           r_state = p_sync(r_state)
         if do_es:
@@ -735,7 +881,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         config.eval.batch_size, jax.random.fold_in(eval_key, step),
                         num_devices)
           last_eval = {f"eval/{k}": v for k, v in ev.items()}
-          last_eval["epoch"] = step / (steps_per_epoch * replays)
+          last_eval["epoch"] = fractional_epoch(step)
           writer.write(step, last_eval)
           if not config.early_stopping.enabled and (
               early.update(step, ev["pgd_acc"])[0]):
@@ -768,6 +914,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         break
   bar.close()
   train_seconds = time.time() - train_t0
+  finished = step >= int(epoch_starts[-1]) or meta_extra["stopped_early"]
+  if finished and config.swa.enabled:
+    r_state = _finalize_swa(config, eval_model, train_data, r_state, devices)
   save(step, r_state, last_ckpt)
 
   summary: dict[str, Any] = {"step": step, "last_eval": last_eval,
@@ -775,7 +924,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                              "stopped_early": meta_extra["stopped_early"],
                              "rollbacks": meta_extra["rollbacks"],
                              "train_seconds_this_session": train_seconds}
-  if config.final_eval.enabled and (step >= num_steps or meta_extra["stopped_early"]):
+  if config.final_eval.enabled and finished:
     summary["final_eval"] = final_evaluation(config, workdir, last_ckpt, best_ckpt,
                                              (test_images, test_labels), progress)
   if is_main:
@@ -790,6 +939,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   last_ckpt.close()
   best_ckpt.close()
   return summary
+
+
+def _finalize_swa(config, model, train_data, r_state, devices) -> TrainState:
+  """Recomputes the averaged model's BatchNorm statistics on training batches."""
+  host = to_host(r_state)
+  if not jax.tree_util.tree_leaves(host.swa["batch_stats"]):
+    return r_state
+
+  def batches():
+    for i, (images, _) in enumerate(train_data.batches(0, 0)):
+      if i >= config.swa.bn_batches:
+        break
+      yield data_lib.to_float(images)
+
+  stats = recompute_batch_stats(model, host.swa["params"], host.swa["batch_stats"], batches())
+  return to_devices(host.replace(swa=dict(host.swa, batch_stats=stats)), devices)
 
 
 def _rollback(config, best_ckpt, template_state, devices):
@@ -808,7 +973,10 @@ def final_evaluation(config, workdir, last_ckpt, best_ckpt, test_data, progress=
   """PGD-k-r (config.final_eval) of the last and the best state; records as JSON."""
   from fastadv_jax import evaluate  # pylint: disable=g-import-not-at-top
   results = {}
-  for which, ckpt in (("last", last_ckpt), ("best", best_ckpt)):
+  candidates = [("last", last_ckpt), ("best", best_ckpt)]
+  if config.swa.enabled:
+    candidates.append(("swa", last_ckpt))
+  for which, ckpt in candidates:
     if not ckpt.all_steps():
       continue
     model, variables, _ = restore_for_eval(workdir, which)
@@ -829,13 +997,16 @@ def final_evaluation(config, workdir, last_ckpt, best_ckpt, test_data, progress=
 
 
 def restore_for_eval(workdir: str, which: str = "best"):
-  """Loads (model, variables, config) of the `which` ("best" | "last") state of a run.
+  """Loads (model, variables, config) of the `which` state of a run.
+
+  `which`: "best" (best monitored PGD accuracy), "last", or "swa" (the weight
+  average of the last checkpoint, when the run used config.swa).
 
   The model is built in float32 for evaluation. Raises FileNotFoundError when the
   work directory has no such checkpoint, ValueError when none can be read.
   """
-  if which not in ("best", "last"):
-    raise ValueError(f"Unknown checkpoint {which!r}; choose one of ['best', 'last'].")
+  if which not in ("best", "last", "swa"):
+    raise ValueError(f"Unknown checkpoint {which!r}; choose one of ['best', 'last', 'swa'].")
   directory = os.path.join(workdir, "best" if which == "best" else "checkpoints")
   if not os.path.isdir(directory):
     raise FileNotFoundError(
@@ -855,6 +1026,10 @@ def restore_for_eval(workdir: str, which: str = "best"):
   if full is None:
     raise FileNotFoundError(f"No {which!r} checkpoint in {directory}.")
   restored = full[1]
+  if which == "swa":
+    if not restored.get("swa"):
+      raise ValueError(f"The run in {workdir!r} did not use SWA (config.swa.enabled).")
+    restored = restored["swa"]
   variables = {"params": restored["params"]}
   if jax.tree_util.tree_leaves(restored.get("batch_stats", {})):
     variables["batch_stats"] = restored["batch_stats"]

@@ -285,3 +285,39 @@ def test_short_real_run_single_layer_cnn_learns(tmp_path):
   # Chance is 0.10; the FGSM-trained single-layer CNN learns well above it.
   assert summary["last_eval"]["eval/clean_acc"] > 0.25, summary["last_eval"]
   assert summary["last_eval"]["eval/n"] == 500
+
+
+def test_swa_average_and_batch_statistics():
+  """SWA is the equal-weight mean of the weights; BN statistics are batch averages."""
+  from fastadv_jax import models
+  config = tiny(load_config_module("cifar10").get_config("advlc_swa"), "preact_resnet18")
+  model = train.create_model(config)
+  tx = train.create_optimizer(config, 10)
+  state = train.create_train_state(config, model, tx, jax.random.PRNGKey(0), SHAPE, BATCH)
+  snapshots = []
+  for i in range(3):
+    params = jax.tree_util.tree_map(lambda p, i=i: p + i + 1.0, state.params)
+    snapshots.append(params)
+    state = train._swa_update(state.replace(params=params))
+  expected = jax.tree_util.tree_map(lambda *ps: sum(ps) / 3, *snapshots)
+  for a, b in zip(jax.tree_util.tree_leaves(state.swa["params"]),
+                  jax.tree_util.tree_leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  assert int(state.swa["count"]) == 3
+
+  rng = np.random.default_rng(0)
+  batches = [rng.uniform(size=(4,) + SHAPE).astype(np.float32) for _ in range(3)]
+  stats = train.recompute_batch_stats(model, state.params, state.batch_stats, batches)
+  # The stem's first BatchNorm sees the first conv's output: check it directly.
+  first_bn = sorted(stats)[0]
+  per_batch = []
+  for x in batches:
+    _, mutated = model.apply({"params": state.params, "batch_stats": state.batch_stats}, x,
+                             train=True, mutable=["batch_stats"])
+    old = state.batch_stats[first_bn]
+    new = mutated["batch_stats"][first_bn]
+    per_batch.append(jax.tree_util.tree_map(lambda n, o: (n - 0.9 * o) / 0.1, new, old))
+  mean_of_batches = jax.tree_util.tree_map(lambda *b: sum(b) / 3, *per_batch)
+  for a, b in zip(jax.tree_util.tree_leaves(stats[first_bn]),
+                  jax.tree_util.tree_leaves(mean_of_batches)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,56 @@
+"""The single-layer CNN of the GradAlign paper (Andriushchenko & Flammarion 2020,
+§4 and App. C.2; `models.CNN` with `n_conv=1` in the authors' code).
+
+One 3x3 conv with `filters` filters (4 in the paper), stride 1, padding 1, with
+bias -> ReLU -> a linear layer on the flattened filters x H x W map, no pooling.
+The model on which catastrophic overfitting is analysed: one filter turns into
+a Laplace-like edge detector whose norm and outgoing weights grow.
+
+The flattening is NHWC (height, width, channel order), so
+`kernel.reshape(H, W, filters, num_classes)[:, :, c]` are the outgoing weights
+of filter c. PyTorch flattens NCHW; `fastadv_jax.interop` permutes the linear
+weight accordingly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fastadv_jax.models import common
+
+
+class SimpleCNN(nn.Module):
+  """conv3x3(filters, bias) -> ReLU -> flatten -> linear.
+
+  Attributes:
+    num_classes: number of logits.
+    filters: number of conv filters (4 in GradAlign §4; the code's default is 16).
+    init_scheme: "he_fan_out" (the GradAlign code's `initialize_weights`: conv
+      N(0, 2/(9*filters)), linear N(0, 2/in), zero biases) or "torch".
+    mean, std: per-channel normalization inside the model (None: none, as in
+      the paper).
+    dtype: compute dtype; parameters and logits are float32.
+  """
+  num_classes: int = 10
+  filters: int = 4
+  init_scheme: str = "he_fan_out"
+  mean: Optional[Sequence[float]] = None
+  std: Optional[Sequence[float]] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Logits (float32) for NHWC images in [0, 1]; `train` is unused (no BatchNorm)."""
+    del train
+    x = common.normalize(x, self.mean, self.std, self.dtype)
+    x = common.conv(self.filters, 3, 1, padding=1, in_features=x.shape[-1],
+                    init=self.init_scheme, use_bias=True, dtype=self.dtype, name="conv")(x)
+    x = nn.relu(x)
+    x = x.reshape(x.shape[0], -1)
+    x = common.dense(self.num_classes, in_features=x.shape[-1], init=self.init_scheme,
+                     dtype=self.dtype, name="linear")(x)
+    return x.astype(jnp.float32)
