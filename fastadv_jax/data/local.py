@@ -329,13 +329,23 @@ def load_image_folder_split(path: str, split: str, *,
   """One split of an image folder or archive: (images uint8 NHWC, labels int32).
 
   See `load_image_folder`; all splits are decoded (and cached) in one pass.
+  Folders list their examples class by class, so the split is returned in one
+  fixed shuffled order (seed 0, `folder_order`): "the first n test points"
+  (the GradAlign protocol) is then a random sample, as in the original CIFAR-10
+  files, instead of n examples of the first class.
   """
   arrays = load_image_folder(path, class_names=class_names, cache=cache, progress=progress)
   key = f"{split}/images"
   if key not in arrays:
     found = sorted(k[:-len("/images")] for k in arrays if k.endswith("/images"))
     raise ValueError(f"Unknown split {split!r} for {path}; choose one of {found}.")
-  return arrays[key], arrays[f"{split}/labels"]
+  order = folder_order(len(arrays[key]))
+  return arrays[key][order], arrays[f"{split}/labels"][order]
+
+
+def folder_order(num_examples: int) -> np.ndarray:
+  """The fixed order in which folder/archive splits are returned (a seed-0 permutation)."""
+  return np.random.default_rng(0).permutation(num_examples)
 
 
 def load_local_split(path: str, split: str, *, class_names: Sequence[str] | None = None,
