@@ -162,6 +162,13 @@ def validate_config(config, num_devices: int = 1) -> None:
     raise ValueError(
         f"batch_size={config.batch_size} must be a positive multiple of the "
         f"number of devices ({num_devices}).")
+  if config.dataset == "imagenet2012":
+    if "imagenet_phases" not in config:
+      raise ValueError("ImageNet configs need imagenet_phases (see configs/imagenet.py).")
+    for b in config.imagenet_phases.batch_sizes:
+      if b <= 0 or b % num_devices:
+        raise ValueError(f"imagenet_phases.batch_sizes has {b}, not a positive multiple "
+                         f"of the number of devices ({num_devices}).")
   _choice("augment.pad_mode", config.augment.pad_mode, ("zero", "reflect"))
   _choice("warmup.target", config.warmup.target, ("eps", "step"))
   if config.free.replays < 1:

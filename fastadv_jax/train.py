@@ -682,6 +682,7 @@ def load_data(config):
     n = min(len(val), max(config.eval.n, config.final_eval.n))
     xs, ys = [], []
     for x, y, mask in imagenet.eval_batches(val, batch_size=config.eval.batch_size,
+                                            image_size=config.imagenet_phases.eval_size,
                                             num_examples=n):
       xs.append(x[mask])
       ys.append(y[mask])

@@ -321,3 +321,32 @@ def test_swa_average_and_batch_statistics():
   for a, b in zip(jax.tree_util.tree_leaves(stats[first_bn]),
                   jax.tree_util.tree_leaves(mean_of_batches)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_imagenet_progressive_resizing_loop(tmp_path, monkeypatch):
+  """The ImageNet path of the loop: three phases of crop size and batch size.
+
+  The TFDS source is replaced by in-memory records (uint8 arrays, which the
+  ImageNet loader accepts like JPEG bytes); everything else is the real loop.
+  """
+  from fastadv_jax.data import imagenet
+  rng = np.random.default_rng(0)
+  records = [{"image": rng.integers(0, 256, (40, 48, 3)).astype(np.uint8),
+              "label": int(rng.integers(0, 1000))} for _ in range(48)]
+  monkeypatch.setattr(imagenet, "imagenet_source", lambda split, data_dir=None: records)
+  config = load_config_module("imagenet").get_config("fgsm_rs")
+  config.model.name = "preact_resnet18"
+  config.model.kwargs = {"widths": (4, 4, 4, 4), "stage_sizes": (1, 1, 1, 1)}
+  config.dtype = "float32"
+  config.num_epochs = 3
+  config.imagenet_phases.update(start_epochs=[0, 1, 2], crop_sizes=[8, 12, 16],
+                                resize_sizes=[12, 16, 0], batch_sizes=[16, 8, 8],
+                                eval_size=16)
+  config.eval.update(n=16, batch_size=16, pgd_steps=1)
+  config.final_eval.enabled = False
+  config.log_every_steps = 1
+  summary = train.train_and_evaluate(config, str(tmp_path / "in"), progress=False)
+  assert summary["step"] == 48 // 16 + 48 // 8 + 48 // 8
+  with open(tmp_path / "in" / "metrics.jsonl") as f:
+    epochs = [json.loads(l)["epoch"] for l in f if "eval/pgd_acc" in l]
+  assert epochs == [1.0, 2.0, 3.0]

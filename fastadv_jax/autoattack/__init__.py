@@ -1,0 +1,45 @@
+"""AutoAttack in JAX: APGD, APGD-T, FAB-T, Square and the standard ensemble.
+
+Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an
+ensemble of diverse parameter-free attacks" (reference: fra31/auto-attack).
+
+Every attack is a function of a `logits_fn` and arrays::
+
+  from jax.tree_util import Partial
+
+  def apply_eval(variables, x):  # defined once: jit caches by this function
+    return model.apply(variables, x, train=False)
+
+  logits_fn = Partial(apply_eval, variables)  # the variables become jit arguments
+  result = autoattack.autoattack(logits_fn, x, y, key, eps=8/255, batch_size=500)
+  result.robust_accuracy   # {"clean": .., "apgd-ce": .., "apgd-t": .., "fab-t": .., "square": ..}
+  res = autoattack.apgd(logits_fn, x, y, key, eps=8/255, loss="dlr")    # a single attack
+  res.x_adv, res.fooled
+
+Conventions (see `_common`): attacks return `AttackResult(x_adv, fooled, info)`
+with x_adv = adversarial example where fooled and the clean x elsewhere; an
+optional `mask` selects the points to attack; shapes are fixed (masks, no
+shrinking arrays); the inner loops are jitted (`logits_fn` passes into them as
+a pytree, so a `jax.tree_util.Partial` makes the model variables arguments
+rather than compile-time constants). Reliability warnings are `checks`
+categories, e.g. `GradientMaskingWarning`.
+"""
+
+from fastadv_jax.autoattack._common import AttackResult, as_partial
+from fastadv_jax.autoattack._apgd import apgd, apgd_targeted, checkpoint_schedule, target_classes
+from fastadv_jax.autoattack.checks import (
+    AutoAttackWarning,
+    GradientMaskingWarning,
+    ProbabilityOutputWarning,
+    RandomizedDefenseWarning,
+)
+from fastadv_jax.autoattack.ensemble import ATTACKS, VERSIONS, AutoAttackResult, autoattack
+from fastadv_jax.autoattack._fab import fab_targeted, projection_linf
+from fastadv_jax.autoattack._square import p_schedule, square
+
+__all__ = [
+    "ATTACKS", "VERSIONS", "AttackResult", "AutoAttackResult", "AutoAttackWarning",
+    "GradientMaskingWarning", "ProbabilityOutputWarning", "RandomizedDefenseWarning",
+    "apgd", "apgd_targeted", "as_partial", "autoattack", "checkpoint_schedule",
+    "fab_targeted", "p_schedule", "projection_linf", "square", "target_classes",
+]

@@ -1,0 +1,268 @@
+"""AutoAttack: the parameter-free ensemble of Croce & Hein 2020.
+
+"Reliable evaluation of adversarial robustness with an ensemble of diverse
+parameter-free attacks" (ICML 2020), Sec. 4, as `run_standard_evaluation` in
+fra31/auto-attack: the attacks run in sequence, each only on the points that
+are still robust, and a point counts as non-robust once the model
+misclassifies the adversarial example an attack returned for it.
+
+* version="standard": APGD-CE (1 restart), APGD-T (9 targets, 1 restart each),
+  FAB-T (9 targets, 1 restart each), Square (5000 queries, 1 restart);
+  100 iterations for APGD and FAB.
+* version="rand" (randomized defenses): APGD-CE and APGD-DLR with EOT over 20
+  samples per gradient, 1 restart each (give `stochastic=True` and a
+  `logits_fn(x, key)`).
+
+Compaction: the Python driver gathers the still-robust points into chunks of
+`batch_size` (the last one padded and masked), so every compiled attack sees
+one fixed shape and work shrinks with the robust set, like the reference's
+index sets. The attacks themselves keep fixed shapes within a chunk.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastadv_jax.autoattack import _common
+from fastadv_jax.autoattack import checks as checks_lib
+from fastadv_jax.autoattack._apgd import apgd, apgd_targeted
+from fastadv_jax.autoattack._fab import fab_targeted
+from fastadv_jax.autoattack._square import square
+
+Array = jax.Array
+
+ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
+VERSIONS = {
+    "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
+    "rand": ("apgd-ce", "apgd-dlr"),
+}
+_GRADIENT_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t")
+_LINF_ONLY = ("fab-t", "square")
+
+
+class AutoAttackResult(NamedTuple):
+  """Outcome of `autoattack` on N points.
+
+  Attributes:
+    x_adv: (N, ...) float32 jax array; the adversarial example found by the
+      first successful attack, x where the point stayed robust (or was
+      misclassified already).
+    robust: (N,) NumPy bool; correctly classified at x and fooled by no attack.
+    clean_correct: (N,) NumPy bool; correctly classified at x.
+    robust_accuracy: {stage: fraction of the N points robust after it}, in
+      order: "clean" (the clean accuracy), then each attack run.
+    stage_fooled: (N,) NumPy int; index into `stages` of the stage at which the
+      point stopped being robust (0: misclassified at x), -1 if robust.
+    stages: ("clean", *attacks run).
+  """
+  x_adv: Array
+  robust: np.ndarray
+  clean_correct: np.ndarray
+  robust_accuracy: dict
+  stage_fooled: np.ndarray
+  stages: tuple
+
+
+def _validate(x, y, eps, norm, version, attacks_to_run, batch_size, n_iter, n_target_classes,
+              n_queries, eot_iter):
+  _common.check_eps(eps)
+  norm = _common.canonical_norm(norm)
+  if version not in VERSIONS:
+    raise ValueError(f"Unknown AutoAttack version {version!r}; choose one of {sorted(VERSIONS)}.")
+  if attacks_to_run is None:
+    attacks = VERSIONS[version]
+  else:
+    if isinstance(attacks_to_run, str):
+      raise ValueError(f"attacks_to_run must be a sequence of names, got the string "
+                       f"{attacks_to_run!r}; e.g. [{attacks_to_run!r}].")
+    attacks = tuple(attacks_to_run)
+    if not attacks:
+      raise ValueError(f"attacks_to_run is empty; choose from {list(ATTACKS)}.")
+    for name in attacks:
+      if name not in ATTACKS:
+        raise ValueError(f"Unknown attack {name!r} in attacks_to_run; choose from {list(ATTACKS)}.")
+    if len(set(attacks)) != len(attacks):
+      raise ValueError(f"attacks_to_run lists an attack twice: {list(attacks)}.")
+  if norm != "Linf":
+    bad = [a for a in attacks if a in _LINF_ONLY]
+    if bad:
+      raise ValueError(
+          f"{bad} support norm 'Linf' only (FAB-T and Square L2 are not implemented); with "
+          f"norm={norm!r} pass attacks_to_run from {list(_GRADIENT_ATTACKS)}.")
+  _common.check_inputs(x, y)
+  if batch_size is not None:
+    _common.check_int("batch_size", batch_size)
+  _common.check_int("n_iter", n_iter)
+  _common.check_int("n_target_classes", n_target_classes)
+  _common.check_int("n_queries", n_queries)
+  if eot_iter is not None:
+    _common.check_int("eot_iter", eot_iter)
+  return norm, attacks
+
+
+@jax.jit
+def _scatter_rows(x_adv, rows, values):
+  """x_adv[rows] = values, skipping rows == len(x_adv) (fixed shapes: one compile)."""
+  return x_adv.at[rows].set(values, mode="drop")
+
+
+def _chunks(indices: np.ndarray, size: int):
+  """Yields (padded index array of length `size`, number of real entries)."""
+  for start in range(0, len(indices), size):
+    chunk = indices[start:start + size]
+    n = len(chunk)
+    if n < size:
+      chunk = np.concatenate([chunk, np.full(size - n, chunk[0], chunk.dtype)])
+    yield chunk, n
+
+
+def autoattack(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "Linf",
+               version: str = "standard", attacks_to_run: Optional[Sequence[str]] = None,
+               batch_size: Optional[int] = None, n_iter: int = 100, n_target_classes: int = 9,
+               n_queries: int = 5000, eot_iter: Optional[int] = None,
+               square_rescale_schedule: bool = False, stochastic: bool = False,
+               checks: bool = True, verbose: bool = False) -> AutoAttackResult:
+  """Runs AutoAttack (Croce & Hein 2020) and reports robust accuracy per stage.
+
+  Python orchestration around jitted attacks: the robust set is concrete, so
+  this function is not itself jittable (the attacks are).
+
+  Args:
+    logits_fn: `x -> logits`, evaluation mode (BatchNorm running averages);
+      `(x, key) -> logits` when `stochastic`. Prefer a `jax.tree_util.Partial`
+      binding the model variables (they then become arguments of the compiled
+      attacks instead of constants).
+    x: (N, H, W, C) images in [0, 1] (N may be a whole test set).
+    y: (N,) integer labels.
+    key: `jax.random` key; the same key gives the same result.
+    eps: radius in pixel units (e.g. 8/255).
+    norm: "Linf" (default) or "L2" (then only APGD attacks are available).
+    version: "standard" or "rand" (sets the attack list and the EOT count).
+    attacks_to_run: optional subset/order of `ATTACKS` ("apgd-ce", "apgd-dlr",
+      "apgd-t", "fab-t", "square"), overriding the version's list; the
+      version's parameters still apply.
+    batch_size: chunk size for the still-robust points (default: N, one chunk).
+      Choose it below N (e.g. 500-1000 on an accelerator) so that later
+      attacks only process the shrinking robust set.
+    n_iter: iterations of APGD/APGD-T/FAB-T (100 in AutoAttack; torchattacks'
+      AutoAttack uses its attacks' default of 10).
+    n_target_classes: targets of APGD-T and FAB-T (9; at most num_classes - 1).
+    n_queries: Square's query budget (5000).
+    eot_iter: EOT samples per APGD gradient (default 1, "rand": 20).
+    square_rescale_schedule: rescale Square's p schedule to n_queries
+      (torchattacks: True; fra31 AutoAttack: False, the default).
+    stochastic: `logits_fn` takes a key (randomized defense).
+    checks: run the reliability checks and emit `fastadv_jax.autoattack.checks` warnings.
+    verbose: print the robust accuracy after each stage.
+
+  Returns:
+    An `AutoAttackResult`.
+
+  Raises:
+    ValueError: for bad eps/norm/version/attack names, images outside [0, 1],
+      mismatched x/y, labels out of range or too few classes for a loss.
+  """
+  norm, attacks = _validate(x, y, eps, norm, version, attacks_to_run, batch_size, n_iter,
+                            n_target_classes, n_queries, eot_iter)
+  if eot_iter is None:
+    eot_iter = 20 if version == "rand" else 1
+  fn = _common.as_partial(logits_fn)
+  x = jnp.asarray(x, jnp.float32)
+  y_host = np.asarray(y).astype(np.int32)
+  y = jnp.asarray(y_host)
+  num_points = x.shape[0]
+  chunk_size = num_points if batch_size is None else min(batch_size, num_points)
+  key_checks, key_clean, key_attacks = jax.random.split(key, 3)
+
+  # Clean predictions, chunked like the attacks.
+  all_indices = np.arange(num_points)
+  predictions = np.empty(num_points, np.int64)
+  num_classes = None
+  for c, (chunk, n) in enumerate(_chunks(all_indices, chunk_size)):
+    logits = _common.predict(fn, x[chunk], jax.random.fold_in(key_clean, c), stochastic)
+    if num_classes is None:
+      num_classes = logits.shape[-1]
+      if checks:
+        checks_lib.check_range_output(logits[:n])
+    predictions[chunk[:n]] = np.asarray(jnp.argmax(logits[:n], -1))
+  _common.check_labels_in_range(y_host, num_classes)
+  if "apgd-dlr" in attacks and num_classes < 3:
+    raise ValueError(f"apgd-dlr needs at least 3 classes; the model has {num_classes}.")
+  if "apgd-t" in attacks:
+    if num_classes < 4:
+      raise ValueError(f"apgd-t (targeted DLR) needs at least 4 classes; the model has "
+                       f"{num_classes}.")
+    _common.check_n_target_classes(n_target_classes, num_classes, "apgd-t")
+  if "fab-t" in attacks:
+    _common.check_n_target_classes(n_target_classes, num_classes, "fab-t")
+
+  if checks and version != "rand":
+    n_check = min(chunk_size, 250)
+    checks_lib.check_randomized(fn, x[:n_check], y[:n_check], key_checks, stochastic=stochastic)
+
+  clean_correct = predictions == y_host
+  robust = clean_correct.copy()
+  stage_fooled = np.where(clean_correct, -1, 0)
+  robust_accuracy = {"clean": float(np.mean(clean_correct))}
+  x_adv = x
+  if verbose:
+    print(f"AutoAttack ({version}, {norm}, eps={eps:.5f}): clean accuracy "
+          f"{robust_accuracy['clean']:.2%}")
+
+  def run(name, xb, yb, k, mask):
+    common = dict(eps=eps, mask=mask, stochastic=stochastic)
+    if name in ("apgd-ce", "apgd-dlr"):
+      return apgd(fn, xb, yb, k, norm=norm, loss=name[5:], n_iter=n_iter, n_restarts=1,
+                  eot_iter=eot_iter, warn=False, **common)
+    if name == "apgd-t":
+      return apgd_targeted(fn, xb, yb, k, norm=norm, n_target_classes=n_target_classes,
+                           n_iter=n_iter, n_restarts=1, eot_iter=eot_iter, warn=False,
+                           **common)
+    if name == "fab-t":
+      return fab_targeted(fn, xb, yb, k, norm=norm, n_target_classes=n_target_classes,
+                          n_iter=n_iter, n_restarts=1, **common)
+    return square(fn, xb, yb, k, norm=norm, n_queries=n_queries, n_restarts=1,
+                  p_init=0.8, rescale_schedule=square_rescale_schedule, **common)
+
+  start_time = time.time()
+  for stage, name in enumerate(attacks, start=1):
+    indices = np.flatnonzero(robust)
+    n_zero_grad = 0
+    key_stage = jax.random.fold_in(key_attacks, stage)
+    for c, (chunk, n) in enumerate(_chunks(indices, chunk_size)):
+      key_chunk = jax.random.fold_in(key_stage, c)
+      mask = jnp.arange(chunk_size) < n
+      xb, yb = x[chunk], y[chunk]
+      result = run(name, xb, yb, jax.random.fold_in(key_chunk, 0), mask)
+      # Decide by re-evaluating the returned points, as the reference does.
+      logits = _common.predict(fn, result.x_adv, jax.random.fold_in(key_chunk, 1), stochastic)
+      fooled = np.asarray(jnp.argmax(logits, -1) != yb)[:n]
+      if "zero_grad" in result.info:
+        n_zero_grad += int(np.sum(np.asarray(result.info["zero_grad"])[:n]))
+      newly = chunk[:n][fooled]
+      if newly.size:
+        # Padding and points not fooled point past the end and are dropped.
+        rows = np.full(chunk_size, num_points, np.int32)
+        rows[:n][fooled] = newly
+        x_adv = _scatter_rows(x_adv, rows, result.x_adv)
+        robust[newly] = False
+        stage_fooled[newly] = stage
+    robust_accuracy[name] = float(np.mean(robust))
+    if checks and name in _GRADIENT_ATTACKS and indices.size:
+      checks_lib.warn_zero_gradients(n_zero_grad, int(indices.size), name.upper())
+    if verbose:
+      print(f"  robust accuracy after {name.upper()}: {robust_accuracy[name]:.2%} "
+            f"({time.time() - start_time:.1f} s)")
+
+  if checks:
+    checks_lib.check_black_box_gain(robust_accuracy)
+    checks_lib.check_no_success(int(np.sum(clean_correct)),
+                                int(np.sum(clean_correct & ~robust)))
+  return AutoAttackResult(x_adv, robust, clean_correct, robust_accuracy, stage_fooled,
+                          ("clean",) + tuple(attacks))
+
