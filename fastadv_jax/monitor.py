@@ -25,34 +25,45 @@ class CatastrophicOverfittingMonitor:
   optionally "grad_alignment" and "cos_fgsm_pgd". Catastrophic overfitting is
   declared at a record when
 
-  * PGD accuracy fell by more than `pgd_drop` below its best so far, and
+  * PGD accuracy fell by more than `pgd_drop` below its best so far and to
+    less than `1 - pgd_rel_drop` of it (relative, because small models such as
+    the single-layer CNN peak at under 20% PGD accuracy), and
   * FGSM accuracy is above the FGSM accuracy at that best record (the FGSM
     accuracy rises while PGD accuracy collapses: the defining signature), and
   * if the record has gradient alignment (or cos(FGSM, PGD)), it fell by more
     than `alignment_drop` below its value at the best record.
 
   Attributes:
-    pgd_drop: absolute drop of PGD accuracy, e.g. 0.2 as in Wong et al.
+    pgd_drop: absolute drop of PGD accuracy below its best.
+    pgd_rel_drop: relative drop of PGD accuracy below its best.
     alignment_drop: absolute drop of gradient alignment / cos(FGSM, PGD).
   """
-  pgd_drop: float = 0.2
+  pgd_drop: float = 0.05
+  pgd_rel_drop: float = 0.5
   alignment_drop: float = 0.1
   best: dict[str, Any] | None = None
   events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  # True while the collapse lasts: it is reported once, at its first record.
+  collapsed: bool = False
 
   def update(self, step: int, record: dict[str, float]) -> dict[str, Any] | None:
     """Feeds one evaluation record; returns an event dict when CO is detected."""
     if self.best is None or record["pgd_acc"] > self.best["pgd_acc"]:
       self.best = dict(record, step=int(step))
+      self.collapsed = False
       return None
     best = self.best
-    collapsed = record["pgd_acc"] < best["pgd_acc"] - self.pgd_drop
+    collapsed = (record["pgd_acc"] < best["pgd_acc"] - self.pgd_drop and
+                 record["pgd_acc"] < (1.0 - self.pgd_rel_drop) * best["pgd_acc"])
     fgsm_rising = record["fgsm_acc"] > best["fgsm_acc"]
     aligned_key = next((k for k in ("grad_alignment", "cos_fgsm_pgd")
                         if k in record and k in best), None)
     alignment_fell = (aligned_key is None or
                       record[aligned_key] < best[aligned_key] - self.alignment_drop)
-    if collapsed and fgsm_rising and alignment_fell:
+    if not collapsed:
+      self.collapsed = False
+    if collapsed and fgsm_rising and alignment_fell and not self.collapsed:
+      self.collapsed = True
       event = {
           "step": int(step), "pgd_acc": record["pgd_acc"], "fgsm_acc": record["fgsm_acc"],
           "best_step": best["step"], "best_pgd_acc": best["pgd_acc"],
@@ -65,13 +76,29 @@ class CatastrophicOverfittingMonitor:
     return None
 
   def state_dict(self) -> dict[str, Any]:
-    return {"pgd_drop": self.pgd_drop, "alignment_drop": self.alignment_drop,
-            "best": self.best, "events": list(self.events)}
+    return {"pgd_drop": self.pgd_drop, "pgd_rel_drop": self.pgd_rel_drop,
+            "alignment_drop": self.alignment_drop, "best": self.best,
+            "events": list(self.events), "collapsed": self.collapsed}
 
   @classmethod
   def from_state_dict(cls, d: dict[str, Any]) -> "CatastrophicOverfittingMonitor":
-    return cls(pgd_drop=d["pgd_drop"], alignment_drop=d["alignment_drop"],
-               best=d["best"], events=list(d["events"]))
+    return cls(pgd_drop=d["pgd_drop"], pgd_rel_drop=d.get("pgd_rel_drop", 0.5),
+               alignment_drop=d["alignment_drop"], best=d["best"], events=list(d["events"]),
+               collapsed=d.get("collapsed", False))
+
+
+def replay(records, **kwargs) -> list[dict[str, Any]]:
+  """Runs the monitor over logged evaluation records (a run's metrics.jsonl lines).
+
+  Records are the dicts `train_and_evaluate` writes, with "eval/pgd_acc" etc.;
+  returns the events the monitor (with `kwargs`) would have reported.
+  """
+  monitor = CatastrophicOverfittingMonitor(**kwargs)
+  for r in records:
+    if "eval/pgd_acc" in r:
+      monitor.update(r["step"], {k[len("eval/"):]: v for k, v in r.items()
+                                 if k.startswith("eval/")})
+  return monitor.events
 
 
 @dataclasses.dataclass

@@ -769,7 +769,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                        max_to_keep=config.keep_checkpoints)
   best_ckpt = checkpoints.Checkpointer(os.path.join(workdir, "best"), max_to_keep=1)
   co_monitor = monitor_lib.CatastrophicOverfittingMonitor(
-      pgd_drop=config.co_monitor.pgd_drop, alignment_drop=config.co_monitor.alignment_drop)
+      pgd_drop=config.co_monitor.pgd_drop, pgd_rel_drop=config.co_monitor.pgd_rel_drop,
+      alignment_drop=config.co_monitor.alignment_drop)
   early = monitor_lib.EarlyStopping(drop=config.early_stopping.drop,
                                     stop_on_drop=config.early_stopping.stop_on_drop)
   meta_extra = {"rollbacks": 0, "stopped_early": False}
@@ -901,7 +902,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               meta_extra.setdefault("adjusted_hparams", []).append(
                   {k: float(np.asarray(v)) for k, v in unreplicate(
                       jax.device_get(r_state.hparams)).items()})
-              co_monitor.best = None
+              co_monitor.best, co_monitor.collapsed = None, False
               bar.n = step
               bar.refresh()
               save(step, r_state, last_ckpt)

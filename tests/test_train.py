@@ -350,3 +350,39 @@ def test_imagenet_progressive_resizing_loop(tmp_path, monkeypatch):
   with open(tmp_path / "in" / "metrics.jsonl") as f:
     epochs = [json.loads(l)["epoch"] for l in f if "eval/pgd_acc" in l]
   assert epochs == [1.0, 2.0, 3.0]
+
+
+def test_co_rollback_restores_best_and_strengthens_setting(npz_dataset, tmp_path, monkeypatch):
+  """On a (forced) collapse the run rolls back to the best state and raises ZeroGrad's q."""
+  from fastadv_jax import monitor
+  fired = []
+
+  def fake_update(self, step, record):
+    if step == 16 and not fired:  # the second evaluation: pretend PGD accuracy collapsed
+      fired.append(step)
+      event = {"step": step, "pgd_acc": 0.0, "fgsm_acc": 1.0, "best_step": 8,
+               "best_pgd_acc": 0.5, "best_fgsm_acc": 0.5}
+      self.events.append(event)
+      return event
+    if self.best is None:
+      self.best = dict(record, step=step)
+    return None
+
+  monkeypatch.setattr(monitor.CatastrophicOverfittingMonitor, "update", fake_update)
+  config = tiny(load_config_module("cifar10").get_config("zerograd"))
+  config.data.update(source="local", local_path=npz_dataset)
+  config.num_epochs = 3
+  config.eval.update(n=16, batch_size=16, pgd_steps=1)
+  config.final_eval.enabled = False
+  config.co_monitor.update(rollback=True, max_rollbacks=1)
+  config.co_monitor.adjust = {"attack/q": {"op": "add", "value": 0.1}}
+  workdir = str(tmp_path / "rb")
+  summary = train.train_and_evaluate(config, workdir, progress=False)
+  assert summary["rollbacks"] == 1 and fired == [16]
+  assert summary["step"] == 3 * (64 // BATCH)
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
+  _, restored, meta = ckpt.restore(None)
+  np.testing.assert_allclose(restored["hparams"]["attack/q"], 0.35 + 0.1, rtol=1e-6)
+  assert meta["extra"]["adjusted_hparams"][0]["attack/q"] == pytest.approx(0.45)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    assert any("co/detected" in line for line in f)
