@@ -11,18 +11,16 @@ Variants and expected PGD-50-10 results (PreActResNet-18, one GPU, ../shared/REF
 Hardware: GPU (30 epochs of a PreActResNet-18).
 """
 
-import importlib.util
 import os
+
+from fastadv_jax import config_base
 
 import ml_collections
 
 
-def _cifar10_module():
+def _cifar10_config(variant: str) -> ml_collections.ConfigDict:
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar10.py")
-  spec = importlib.util.spec_from_file_location("fastadv_configs_cifar10", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_base.load_config_file(path, variant)
 
 
 VARIANTS = ("zerograd", "multigrad", "fgsm_rs", "gradalign")
@@ -31,7 +29,7 @@ VARIANTS = ("zerograd", "multigrad", "fgsm_rs", "gradalign")
 def get_config(variant: str = "zerograd") -> ml_collections.ConfigDict:
   if variant not in VARIANTS:
     raise ValueError(f"Unknown CIFAR-100 variant {variant!r}; choose one of {sorted(VARIANTS)}.")
-  config = _cifar10_module().get_config(variant)
+  config = _cifar10_config(variant)
   config.dataset = "cifar100"
   config.num_classes = 100
   if variant == "zerograd":

@@ -15,18 +15,16 @@ All: 15 epochs, lr_max 0.05, no flip; the FGSM step (FGSM-based methods) or ε
 Hardware: GPU.
 """
 
-import importlib.util
 import os
+
+from fastadv_jax import config_base
 
 import ml_collections
 
 
-def _cifar10_module():
+def _cifar10_config(variant: str) -> ml_collections.ConfigDict:
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar10.py")
-  spec = importlib.util.spec_from_file_location("fastadv_configs_cifar10", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_base.load_config_file(path, variant)
 
 
 VARIANTS = ("gradalign", "fgsm_rs", "pgd2_gradalign", "zerograd", "free")
@@ -35,7 +33,7 @@ VARIANTS = ("gradalign", "fgsm_rs", "pgd2_gradalign", "zerograd", "free")
 def get_config(variant: str = "gradalign") -> ml_collections.ConfigDict:
   if variant not in VARIANTS:
     raise ValueError(f"Unknown SVHN variant {variant!r}; choose one of {sorted(VARIANTS)}.")
-  config = _cifar10_module().get_config(variant)
+  config = _cifar10_config(variant)
   config.dataset = "svhn_cropped"
   config.num_classes = 10
   config.num_epochs = 15

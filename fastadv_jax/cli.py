@@ -69,7 +69,8 @@ def eval_main(argv=None) -> None:
   from absl import app, flags  # pylint: disable=g-import-not-at-top
 
   flags.DEFINE_string("workdir", None, "Work directory of a fastadv-train run.")
-  flags.DEFINE_enum("checkpoint", "best", ["best", "last"], "Which state to evaluate.")
+  flags.DEFINE_enum("checkpoint", "best", ["best", "last", "swa"],
+                    "Which state to evaluate (swa: runs with config.swa).")
   flags.DEFINE_string("attack", "pgd", "pgd or autoattack.")
   flags.DEFINE_integer("n", 1000, "Robust accuracy on n test points.")
   flags.DEFINE_integer("seed", 0, "Seed for the point selection and the attacks.")

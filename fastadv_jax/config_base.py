@@ -93,6 +93,23 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def load_config_file(path: str, variant: str | None = None):
+  """Loads a config file (`configs/<dataset>.py`) as a module, or its `get_config(variant)`.
+
+  Config files are not a package: this is how one config builds on another
+  (cifar100 and svhn on cifar10), and how notebooks and tests read them.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  name = "fastadv_configs_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None or not os.path.exists(path):
+    raise FileNotFoundError(f"No config file at {path!r}.")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module if variant is None else module.get_config(variant)
+
+
 def eps_pixels(config) -> float:
   """ε in [0,1] pixel units."""
   return float(config.eps) / 255.0

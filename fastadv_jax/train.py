@@ -982,7 +982,8 @@ def final_evaluation(config, workdir, last_ckpt, best_ckpt, test_data, progress=
     if not ckpt.all_steps():
       continue
     model, variables, _ = restore_for_eval(workdir, which)
-    logits_fn = closures.logits_fn(model, variables, bn="eval")
+    # Weights as arguments, not baked-in constants: one compile for every state.
+    logits_fn = evaluate.model_logits_fn(model, variables)
     record = evaluate.evaluate(
         logits_fn, test_data[0], test_data[1], config.seed, attack="pgd",
         eps=config_base.eps_pixels(config), n=config.final_eval.n, selection="first",

@@ -1,6 +1,5 @@
 """Training: every config variant steps, devices agree, kill-and-resume equality."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -25,11 +24,7 @@ BATCH = 8
 
 
 def load_config_module(name):
-  path = os.path.join(REPO, "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_base.load_config_file(os.path.join(REPO, "configs", f"{name}.py"))
 
 
 ALL_VARIANTS = [(ds, v) for ds in ("cifar10", "cifar100", "svhn")

@@ -1,0 +1,633 @@
+"""AutoAttack parity: fastadv_jax (JAX) against torchattacks (PyTorch).
+
+The same small model in Flax and in PyTorch with identical weights (the PyTorch
+twin from `benchmarks/torch_models.py`, weights copied by
+`fastadv_jax.interop.flax_to_torch_state_dict`), the same CIFAR-10 (JPEG) test
+points, and for each attack (APGD-CE, APGD-T, FAB-T, Square, the standard
+AutoAttack ensemble, and PGD-50-10) the robust accuracy in both frameworks and
+the speed in images per second, side by side.
+
+The model: an attack comparison on a model with 0% robust accuracy says nothing,
+so the script adversarially trains (PGD-2, random start, in JAX) the single-layer
+CNN of the GradAlign paper (`simple_cnn`, `--filters` filters) on CIFAR-10 for a
+few epochs and caches the weights in `~/.cache/fastadv_jax/parity_autoattack/`.
+
+Attack settings are the same on both sides (they are printed and stored):
+APGD-CE, APGD-T (9 targets) and FAB-T (9 targets) with `--aa-iters` iterations
+and Square with `--square-queries` queries, p_init 0.8, *without* rescaling the
+p schedule (fra31/auto-attack; torchattacks' `Square` rescales by default,
+switched off here). The defaults fit a small shared CPU: 10 iterations (what
+torchattacks' own `AutoAttack` class uses; Croce & Hein use 100) and 1,000
+Square queries (AutoAttack: 5,000); on a GPU run `--aa-iters 100
+--square-queries 5000` for the standard ensemble. The ensemble on the PyTorch
+side is torchattacks' `MultiAttack` of the four attacks, each run on the points
+still robust, exactly like its `AutoAttack` class; on the JAX side
+`fastadv_jax.autoattack.autoattack`. PGD-50-10 uses step ε/4 and random starts;
+on the PyTorch side torchattacks' `PGD` is run 10 times and a point is robust
+only if no restart fools it (the "strict" rule of `fastadv_jax.evaluate`).
+
+Robust accuracy is measured the same way on both sides: a point counts as robust
+if the model classifies it correctly at x and at the returned adversarial point.
+
+Work: only correctly classified points are attacked, on both sides (the
+others are not robust), as AutoAttack does. Speed is reported as test points
+evaluated per second (all n points, misclassified ones included), wall clock,
+JAX without its compilation (lowering and compile seconds, from
+`jax.monitoring` events, are subtracted; the time with them is stored too).
+Both frameworks run with one CPU thread by default (`--threads`), and the ratio
+is also given from process CPU seconds, which a shared machine's load disturbs
+much less than wall time.
+
+Usage (from the repository root):
+
+  python benchmarks/parity_autoattack.py                # n=500, the full check
+  python benchmarks/parity_autoattack.py --quick        # n=64, reduced budgets
+
+Results: printed table, and JSON in benchmarks/results/parity_autoattack.json
+(or --out). Exit status 1 when parity fails (see --tolerance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+import zlib
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # torch_models
+sys.path.insert(0, os.path.dirname(HERE))  # fastadv_jax from a checkout
+
+
+def _preparse_threads(argv):
+  """--threads must act before JAX starts: XLA reads its flags at backend init."""
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument("--threads", type=int, default=1)
+  known, _ = pre.parse_known_args(argv)
+  if known.threads == 1:
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false "
+                               "intra_op_parallelism_threads=1").strip()
+  return known.threads
+
+
+THREADS = _preparse_threads(sys.argv[1:]) if __name__ == "__main__" else 0
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+from fastadv_jax import attacks  # noqa: E402
+from fastadv_jax import closures  # noqa: E402
+from fastadv_jax import evaluate  # noqa: E402
+from fastadv_jax import interop  # noqa: E402
+from fastadv_jax import models  # noqa: E402
+
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "fastadv_jax",
+                         "parity_autoattack")
+ENSEMBLE = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+# ----------------------------------------------------------------------------
+# Data and model.
+
+
+def load_cifar10(split: str):
+  from fastadv_jax import data  # pylint: disable=g-import-not-at-top
+  images, labels = data.load_split("cifar10", split, source="local", progress=False)
+  return np.asarray(images), np.asarray(labels, np.int32)
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}/"))
+    else:
+      out[f"{prefix}{k}"] = np.asarray(v)
+  return out
+
+
+def _unflatten(flat):
+  tree = {}
+  for path, value in flat.items():
+    node = tree
+    parts = path.split("/")
+    for part in parts[:-1]:
+      node = node.setdefault(part, {})
+    node[parts[-1]] = jnp.asarray(value)
+  return tree
+
+
+def model_cache(args):
+  """(training settings, cache path): the weights are cached by their settings."""
+  settings = dict(model="simple_cnn", filters=args.filters, train_eps=args.train_eps,
+                  epochs=args.epochs, batch=128, lr=args.lr, seed=args.train_seed,
+                  attack="pgd2_rs", augment="crop4_flip", version=1)
+  tag = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+  return settings, os.path.join(CACHE_DIR, f"simple_cnn_f{args.filters}_{tag}.npz")
+
+
+def train_or_load(args):
+  """PGD-2 adversarially trained simple_cnn: from the cache, else trained here.
+
+  Returns:
+    (model, variables, settings, cache path, training seconds).
+  """
+  settings, path = model_cache(args)
+  model = models.get_model("simple_cnn", filters=args.filters)
+  if os.path.exists(path) and not args.retrain:
+    with np.load(path) as f:
+      variables = _unflatten({k: f[k] for k in f.files})
+    print(f"Loaded the trained model from {path}")
+    return model, variables, settings, path, 0.0
+
+  from fastadv_jax import data  # pylint: disable=g-import-not-at-top
+  print(f"Training simple_cnn({args.filters}) with PGD-2 at eps {args.train_eps:g}/255 "
+        f"for {args.epochs} epochs (cached afterwards)")
+  train_images, train_labels = load_cifar10("train")
+  start = time.time()
+  key = jax.random.key(args.train_seed)
+  variables = models.init_variables(model, jax.random.fold_in(key, 0))
+  params = variables["params"]
+  steps_per_epoch = len(train_images) // 128
+  total = steps_per_epoch * args.epochs
+  # GradAlign's single-layer CNN recipe: Adam, cyclic learning rate, wd 5e-4.
+  schedule = optax.linear_onecycle_schedule(total, args.lr, pct_start=0.4,
+                                            div_factor=1e4, final_div_factor=1e4)
+  tx = optax.adamw(schedule, weight_decay=5e-4)
+  opt_state = tx.init(params)
+  eps = args.train_eps / 255
+
+  @jax.jit
+  def train_step(params, opt_state, images, labels, step_key):
+    aug_key, attack_key = jax.random.split(step_key)
+    x = data.augment(images, aug_key, padding=4, flip=True)
+    logits_fn = closures.logits_fn(model, {"params": params}, bn="eval")
+    delta = attacks.pgd(closures.cross_entropy(logits_fn, labels), x, attack_key,
+                        eps=eps, step=eps / 2, steps=2)
+    x_adv = jax.lax.stop_gradient(x + delta)
+
+    def loss(p):
+      logits = model.apply({"params": p}, x_adv)
+      return closures.cross_entropy_per_example(logits, labels).mean(), logits
+
+    (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    acc = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return optax.apply_updates(params, updates), opt_state, value, acc
+
+  rng = np.random.default_rng(args.train_seed)
+  for epoch in range(args.epochs):
+    order = rng.permutation(len(train_images))
+    losses, accs = [], []
+    for i in range(steps_per_epoch):
+      idx = order[i * 128:(i + 1) * 128]
+      params, opt_state, value, acc = train_step(
+          params, opt_state, train_images[idx], train_labels[idx],
+          jax.random.fold_in(key, 1 + epoch * steps_per_epoch + i))
+      losses.append(value)
+      accs.append(acc)
+    print(f"  epoch {epoch + 1}/{args.epochs}: adv. loss {np.mean(losses):.3f}, "
+          f"adv. train acc {np.mean(accs):.3f} ({time.time() - start:.0f} s)", flush=True)
+  variables = {"params": params}
+  os.makedirs(CACHE_DIR, exist_ok=True)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **_flatten(jax.device_get(variables)))
+  os.replace(tmp, path)
+  print(f"Saved the trained model to {path}")
+  return model, variables, settings, path, time.time() - start
+
+
+def torch_twin(model, variables, filters):
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch_models  # pylint: disable=g-import-not-at-top
+  net = torch_models.build_torch_model("simple_cnn", filters=filters)
+  state = interop.flax_to_torch_state_dict(jax.device_get(variables), model)
+  net.load_state_dict(state, strict=True)
+  net.eval()
+  for p in net.parameters():
+    p.requires_grad_(False)
+  return net
+
+
+# ----------------------------------------------------------------------------
+# Running attacks in batches, timed.
+
+
+class CompileClock:
+  """Seconds JAX spends lowering and compiling (from `jax.monitoring` events).
+
+  Lowering to MLIR and the backend compile (including persistent-cache reads)
+  are counted; tracing is not (inner jits trace inside outer ones, so their
+  durations would overlap), which errs on the side of a slower JAX.
+  """
+  EVENTS = ("/jax/core/compile/backend_compile_duration",
+            "/jax/core/compile/jaxpr_to_mlir_module_duration")
+
+  def __init__(self):
+    self.seconds = 0.0
+    jax.monitoring.register_event_duration_secs_listener(self._record)
+
+  def _record(self, event, duration, **kwargs):
+    del kwargs
+    if event in self.EVENTS:
+      self.seconds += duration
+
+
+COMPILE_CLOCK = None
+
+
+class Timer:
+  """Wall-clock and process CPU seconds of an attack, and JAX compile seconds.
+
+  CPU time is the fairer measure on a shared machine (with one thread per
+  framework it counts the work done, not the waiting for a core).
+  """
+
+  def __init__(self):
+    self.wall_s = 0.0
+    self.cpu_s = 0.0
+    self.compile_s = 0.0
+
+  def run(self, fn):
+    compiled_before = COMPILE_CLOCK.seconds if COMPILE_CLOCK else 0.0
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    self.wall_s += time.perf_counter() - wall
+    self.cpu_s += time.process_time() - cpu
+    if COMPILE_CLOCK:
+      self.compile_s += COMPILE_CLOCK.seconds - compiled_before
+    return out
+
+  def rates(self, n):
+    """Images per second: wall, wall without compilation, CPU without compilation."""
+    wall = max(self.wall_s, 1e-9)
+    wall_run = max(self.wall_s - self.compile_s, 1e-9)
+    # Compile events give wall seconds only: remove the same share of CPU time.
+    cpu_run = max(self.cpu_s * wall_run / wall, 1e-9)
+    return n / wall, n / wall_run, n / cpu_run
+
+
+def _padded_chunks(indices, size):
+  """(index chunk padded with its first entry to `size`, number of real entries)."""
+  for start in range(0, len(indices), size):
+    chunk = indices[start:start + size]
+    n = len(chunk)
+    if n < size:
+      chunk = np.concatenate([chunk, np.full(size - n, chunk[0], chunk.dtype)])
+    yield chunk, n
+
+
+def run_jax_attack(name, logits_fn, images, labels, clean_correct, key, args, timer):
+  """Robust mask (N,) of one JAX attack; only clean-correct points are attacked.
+
+  Standalone attacks run in padded, masked chunks of `--batch-size` (the shape
+  the ensemble's driver uses, so the ensemble reuses their compiled loops).
+  """
+  from fastadv_jax import autoattack as aa  # pylint: disable=g-import-not-at-top
+  eps = args.eps / 255
+  x_all = images.astype(np.float32) / 255
+  if name == "autoattack":
+    def ensemble():
+      return aa.autoattack(logits_fn, x_all, labels, key, eps=eps, version="standard",
+                           batch_size=args.batch_size, n_iter=args.aa_iters,
+                           n_target_classes=9, n_queries=args.square_queries,
+                           square_rescale_schedule=False, checks=False,
+                           verbose=False)
+    result = timer.run(ensemble)
+    x_adv = np.asarray(result.x_adv)
+    _check_ball("JAX", name, x_adv, x_all, eps)
+    adv_ok = np.asarray(evaluate.clean_accuracy(
+        logits_fn, x_adv, labels, batch_size=args.batch_size, num_devices=1).correct)
+    robust = clean_correct & adv_ok
+    if not np.array_equal(robust, np.asarray(result.robust)):
+      print("   note: the ensemble's own robust mask differs from re-evaluation")
+    return robust, {k: 100 * v for k, v in result.robust_accuracy.items()}
+
+  attacked = np.flatnonzero(clean_correct)
+  robust = np.zeros(len(images), bool)
+  b = min(args.batch_size, len(images))  # the ensemble driver's chunk size
+  if name == "pgd-50-10":
+    # The library's evaluation: per-example keys, balanced padded batches,
+    # strict restart rule; it attacks the clean-correct points only.
+    def pgd():
+      return evaluate.pgd_accuracy(
+          logits_fn, images, labels, key, eps=eps, steps=50, restarts=10,
+          rule="strict", batch_size=b, num_devices=1, clean_correct=clean_correct,
+          progress=False).correct
+    return timer.run(pgd), None
+
+  for i, (chunk, n) in enumerate(_padded_chunks(attacked, b)):
+    x = jnp.asarray(x_all[chunk])
+    y = jnp.asarray(labels[chunk])
+    mask = jnp.arange(b) < n
+    k = jax.random.fold_in(key, i)
+
+    def attack():
+      common = dict(eps=eps, mask=mask)
+      if name == "apgd-ce":
+        res = aa.apgd(logits_fn, x, y, k, loss="ce", n_iter=args.aa_iters, **common)
+      elif name == "apgd-t":
+        res = aa.apgd_targeted(logits_fn, x, y, k, n_iter=args.aa_iters,
+                               n_target_classes=9, **common)
+      elif name == "fab-t":
+        res = aa.fab_targeted(logits_fn, x, y, k, n_iter=args.aa_iters,
+                              n_target_classes=9, **common)
+      elif name == "square":
+        res = aa.square(logits_fn, x, y, k, n_queries=args.square_queries, p_init=0.8,
+                        rescale_schedule=False, **common)
+      else:
+        raise ValueError(name)
+      x_adv = np.asarray(res.x_adv)
+      _check_ball("JAX", name, x_adv, np.asarray(x), eps)
+      return np.asarray(jnp.argmax(logits_fn(jnp.asarray(x_adv)), -1) == y)
+
+    robust[chunk[:n]] = timer.run(attack)[:n]
+  return robust & clean_correct, None
+
+
+def _check_ball(framework, name, x_adv, x, eps):
+  linf = float(np.max(np.abs(x_adv - x)))
+  if linf > eps + 1e-5 or x_adv.min() < 0 or x_adv.max() > 1:
+    raise AssertionError(f"{framework} {name} left the eps-ball or the box: "
+                         f"||delta|| = {linf * 255:.4f}/255")
+
+
+def torch_attack(name, net, args):
+  import torchattacks  # pylint: disable=g-import-not-at-top
+  eps = args.eps / 255
+  seed = args.seed
+  if name == "apgd-ce":
+    return torchattacks.APGD(net, norm="Linf", eps=eps, steps=args.aa_iters,
+                             n_restarts=1, seed=seed, loss="ce", rho=0.75)
+  if name == "apgd-t":
+    return torchattacks.APGDT(net, norm="Linf", eps=eps, steps=args.aa_iters,
+                              n_restarts=1, seed=seed, rho=0.75, n_classes=10)
+  if name == "fab-t":
+    return torchattacks.FAB(net, norm="Linf", eps=eps, steps=args.aa_iters,
+                            n_restarts=1, seed=seed, multi_targeted=True, n_classes=10)
+  if name == "square":
+    return torchattacks.Square(net, norm="Linf", eps=eps, n_queries=args.square_queries,
+                               n_restarts=1, p_init=0.8, loss="margin",
+                               resc_schedule=False, seed=seed)
+  if name == "autoattack":
+    # torchattacks.AutoAttack(version="standard") with our iteration counts.
+    return torchattacks.MultiAttack([torch_attack(a, net, args) for a in ENSEMBLE])
+  raise ValueError(name)
+
+
+def run_torch_attack(name, net, images, labels, clean_correct, args, timer):
+  """Robust mask (N,) of one torchattacks attack, in batches of `--batch-size`.
+
+  Standalone attacks and PGD get the clean-correct points only (as the JAX
+  side); the ensemble gets all points (MultiAttack and APGD skip the
+  misclassified ones themselves, as the JAX driver does).
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  import torchattacks  # pylint: disable=g-import-not-at-top
+  eps = args.eps / 255
+  torch.manual_seed(args.seed)
+  attack = None if name == "pgd-50-10" else torch_attack(name, net, args)
+  if name == "autoattack":
+    points = np.arange(len(images))
+  else:
+    points = np.flatnonzero(clean_correct)
+  robust = np.zeros(len(images), bool)
+  for start in range(0, len(points), args.torch_batch_size):
+    idx = points[start:start + args.torch_batch_size]
+    x = torch.from_numpy(images[idx].astype(np.float32) / 255).permute(0, 3, 1, 2)
+    x = x.contiguous()
+    y = torch.from_numpy(labels[idx].astype(np.int64))
+
+    def run():
+      if name == "pgd-50-10":
+        pgd = torchattacks.PGD(net, eps=eps, alpha=eps / 4, steps=50, random_start=True)
+        ok = torch.ones(len(idx), dtype=torch.bool)
+        for _ in range(10):  # strict rule: robust only if no restart fools it
+          x_adv = pgd(x, y)
+          with torch.no_grad():
+            ok &= net(x_adv).argmax(1) == y
+        return ok.numpy()
+      x_adv = attack(x, y)
+      x_adv = x_adv.detach()
+      _check_ball("torch", name, x_adv.numpy(), x.numpy(), eps)
+      with torch.no_grad():
+        return (net(x_adv).argmax(1) == y).numpy()
+
+    robust[idx] = timer.run(run)
+  return robust & clean_correct
+
+
+# ----------------------------------------------------------------------------
+# Main.
+
+
+def machine_info():
+  import torch  # pylint: disable=g-import-not-at-top
+  import torchattacks  # pylint: disable=g-import-not-at-top
+  info = {"platform": platform.platform(), "processor": platform.processor(),
+          "cpu_count": os.cpu_count(), "python": platform.python_version(),
+          "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+          "torchattacks": torchattacks.__version__, "jax_device": evaluate.device_info()}
+  try:
+    info["load_average"] = os.getloadavg()
+  except OSError:
+    pass
+  info.update(evaluate._versions())  # pylint: disable=protected-access
+  return info
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--n", type=int, default=None,
+                 help="test points (default 500; 64 with --quick)")
+  p.add_argument("--quick", action="store_true",
+                 help="n=64, 1 training epoch, fewer iterations/queries (smoke test)")
+  p.add_argument("--eps", type=float, default=8.0, help="attack radius in /255")
+  p.add_argument("--train-eps", type=float, default=8.0, help="training radius in /255")
+  p.add_argument("--filters", type=int, default=16, help="simple_cnn filters")
+  p.add_argument("--epochs", type=int, default=None, help="training epochs (default 3)")
+  p.add_argument("--lr", type=float, default=0.003)
+  p.add_argument("--train-seed", type=int, default=0)
+  p.add_argument("--retrain", action="store_true", help="ignore the cached weights")
+  p.add_argument("--seed", type=int, default=0, help="point selection and attacks")
+  p.add_argument("--batch-size", type=int, default=100,
+                 help="JAX chunk size (padded, masked; the ensemble's batch_size)")
+  p.add_argument("--torch-batch-size", type=int, default=None,
+                 help="points per torchattacks call (default: all n in one call, "
+                 "the fastest: its attacks shrink to the unfooled points)")
+  p.add_argument("--threads", type=int, default=1,
+                 help="CPU threads for each framework: 1 (default; on a shared, "
+                 "oversubscribed CPU multi-threaded torch was 8-12x slower) or 0 "
+                 "(each framework's default)")
+  p.add_argument("--aa-iters", type=int, default=10,
+                 help="APGD/APGD-T/FAB-T iterations: 10 = torchattacks' AutoAttack "
+                 "(default, CPU budget); 100 = Croce & Hein's")
+  p.add_argument("--square-queries", type=int, default=None,
+                 help="Square queries, standalone and in the ensemble (default 1000 "
+                 "on this CPU budget; 5000 is AutoAttack's; 200 quick)")
+  p.add_argument("--attacks", default="apgd-ce,apgd-t,fab-t,square,autoattack,pgd-50-10")
+  p.add_argument("--tolerance", type=float, default=1.0, help="percentage points")
+  p.add_argument("--out", default=os.path.join(HERE, "results", "parity_autoattack.json"))
+  args = p.parse_args(argv)
+  quick = args.quick
+  if args.n is None:
+    args.n = 64 if quick else 500
+  if args.epochs is None:
+    args.epochs = 1 if quick else 3
+  if args.square_queries is None:
+    args.square_queries = 200 if quick else 1000
+  if args.torch_batch_size is None:
+    args.torch_batch_size = args.n
+  args.attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+  known = list(ENSEMBLE) + ["autoattack", "pgd-50-10"]
+  for a in args.attacks:
+    if a not in known:
+      p.error(f"unknown attack {a!r}; choose from {known}")
+  if not 0 < args.eps <= 255:
+    p.error(f"--eps={args.eps} must lie in (0, 255] (it is in /255)")
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  import torch  # pylint: disable=g-import-not-at-top
+  if args.threads > 0:
+    torch.set_num_threads(args.threads)
+  jax.config.update("jax_compilation_cache_dir",
+                    os.path.join(os.path.dirname(CACHE_DIR), "jax_cache"))
+  global COMPILE_CLOCK
+  COMPILE_CLOCK = CompileClock()
+  wall = time.time()
+  print(f"JAX {jax.__version__} on {jax.devices()[0].device_kind}; torch "
+        f"{torch.__version__} with {torch.get_num_threads()} threads")
+  test_images, test_labels = load_cifar10("test")
+  model, variables, train_settings, model_path, train_s = train_or_load(args)
+  logits_fn = evaluate.model_logits_fn(model, variables)
+  net = torch_twin(model, variables, args.filters)
+
+  indices = evaluate.select_indices(len(test_images), args.n, "random", args.seed)
+  images, labels = test_images[indices], test_labels[indices]
+
+  # Same function in both frameworks?
+  x = images[:200].astype(np.float32) / 255
+  jax_logits = np.asarray(logits_fn(jnp.asarray(x)))
+  with torch.no_grad():
+    torch_logits = net(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()).numpy()
+  logit_diff = float(np.max(np.abs(jax_logits - torch_logits)))
+  print(f"max |logits JAX - torch| on 200 points: {logit_diff:.2e}")
+
+  clean_full = evaluate.clean_accuracy(logits_fn, test_images, test_labels,
+                                       batch_size=1000, num_devices=1).accuracy
+  clean = evaluate.clean_accuracy(logits_fn, images, labels, batch_size=args.batch_size,
+                                  num_devices=1)
+  print(f"clean accuracy: {100 * clean_full:.2f}% (10,000 test points), "
+        f"{100 * clean.accuracy:.2f}% on the {args.n} selected")
+
+  key = jax.random.key(args.seed)
+  clean_correct = np.asarray(clean.correct)
+  rows = []
+  for name in args.attacks:
+    print(f"-- {name}", flush=True)
+    jax_timer, torch_timer = Timer(), Timer()
+    jax_robust, stages = run_jax_attack(
+        name, logits_fn, images, labels, clean_correct,
+        jax.random.fold_in(key, zlib.crc32(name.encode())), args, jax_timer)
+    print(f"   JAX   {100 * jax_robust.mean():6.2f}%  {jax_timer.wall_s:7.1f} s "
+          f"({jax_timer.compile_s:.1f} s compiling)", flush=True)
+    torch_robust = run_torch_attack(name, net, images, labels, clean_correct, args,
+                                    torch_timer)
+    print(f"   torch {100 * torch_robust.mean():6.2f}%  {torch_timer.wall_s:7.1f} s",
+          flush=True)
+    n = len(images)
+    jax_wall, jax_run, jax_cpu = jax_timer.rates(n)
+    torch_wall, _, torch_cpu = torch_timer.rates(n)
+    row = dict(
+        attack=name, jax_robust_acc=100 * float(jax_robust.mean()),
+        torch_robust_acc=100 * float(torch_robust.mean()),
+        diff=100 * float(jax_robust.mean() - torch_robust.mean()),
+        both_robust=int(np.sum(jax_robust & torch_robust)),
+        only_jax_robust=int(np.sum(jax_robust & ~torch_robust)),
+        only_torch_robust=int(np.sum(~jax_robust & torch_robust)),
+        jax_images_per_s=jax_run, jax_images_per_s_with_compile=jax_wall,
+        jax_images_per_cpu_s=jax_cpu, jax_wall_s=jax_timer.wall_s,
+        jax_cpu_s=jax_timer.cpu_s, jax_compile_s=jax_timer.compile_s,
+        torch_images_per_s=torch_wall, torch_images_per_cpu_s=torch_cpu,
+        torch_wall_s=torch_timer.wall_s, torch_cpu_s=torch_timer.cpu_s)
+    if stages is not None:
+      row["jax_robust_acc_after_stage"] = stages
+    rows.append(row)
+  return _report(args, rows, clean_full, clean, logit_diff, train_settings, model_path,
+                 train_s, wall)
+
+
+def _report(args, rows, clean_full, clean, logit_diff, train_settings, model_path,
+            train_s, wall):
+  tol = args.tolerance
+  header = (f"{'attack':<12}{'JAX acc':>9}{'torch acc':>11}{'diff':>8}"
+            f"{'JAX img/s':>11}{'torch img/s':>13}{'JAX/torch':>11}{'(CPU time)':>12}")
+  print()
+  print(f"Robust accuracy (%) on {args.n} random CIFAR-10 test points, eps = "
+        f"{args.eps:g}/255; simple_cnn({args.filters} filters), clean "
+        f"{100 * clean.accuracy:.2f}% on these points")
+  print(header)
+  print("-" * len(header))
+  failures = []
+  for r in rows:
+    r["speed_ratio_jax_over_torch"] = r["jax_images_per_s"] / r["torch_images_per_s"]
+    r["speed_ratio_jax_over_torch_cpu_time"] = (r["jax_images_per_cpu_s"] /
+                                                r["torch_images_per_cpu_s"])
+    print(f"{r['attack']:<12}{r['jax_robust_acc']:9.2f}{r['torch_robust_acc']:11.2f}"
+          f"{r['diff']:+8.2f}{r['jax_images_per_s']:11.1f}{r['torch_images_per_s']:13.1f}"
+          f"{r['speed_ratio_jax_over_torch']:10.2f}x"
+          f"{r['speed_ratio_jax_over_torch_cpu_time']:11.2f}x")
+    if abs(r["diff"]) > tol:
+      failures.append(f"{r['attack']}: |diff| = {abs(r['diff']):.2f} > {tol} pp")
+    if r["attack"] == "autoattack" and r["diff"] > tol:
+      failures.append(f"autoattack: the JAX ensemble is weaker by {r['diff']:.2f} pp")
+  print("img/s: test points evaluated per second, wall clock (all n points, the "
+        "misclassified ones included; JAX without its compile time: "
+        + ", ".join(f"{r['attack']} {r['jax_compile_s']:.0f} s" for r in rows)
+        + "). (CPU time): the same ratio from process CPU seconds, robust to "
+        "the load of a shared machine.")
+  passed = not failures
+  print("PARITY " + ("PASSED" if passed else "FAILED: " + "; ".join(failures)))
+  result = {
+      "benchmark": "parity_autoattack",
+      "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec="seconds"),
+      "passed": passed, "failures": failures, "tolerance_pp": tol,
+      "n": args.n, "selection": "random", "seed": args.seed,
+      "selection_rule": "sorted(numpy.random.default_rng(seed).permutation(10000)[:n])",
+      "eps_255": args.eps, "quick": args.quick, "batch_size": args.batch_size,
+      "torch_batch_size": args.torch_batch_size, "threads_per_framework": args.threads,
+      "settings": {"aa_iters": args.aa_iters, "square_queries": args.square_queries,
+                   "square_p_init": 0.8, "square_rescale_schedule": False,
+                   "n_target_classes": 9, "pgd": "50 steps, 10 restarts, step eps/4, "
+                   "strict rule"},
+      "model": {"name": "simple_cnn", "filters": args.filters, "training": train_settings,
+                "weights": model_path, "train_seconds": train_s,
+                "clean_acc_full_test": 100 * clean_full,
+                "clean_acc_selected": 100 * clean.accuracy,
+                "max_abs_logit_diff_jax_torch": logit_diff},
+      "rows": rows, "machine": machine_info(), "wall_time_s": time.time() - wall,
+  }
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  tmp = args.out + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(result, f, indent=2)
+  os.replace(tmp, args.out)
+  print(f"Wrote {args.out} (total {time.time() - wall:.0f} s)")
+  return 0 if passed else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

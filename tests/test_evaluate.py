@@ -1,0 +1,321 @@
+"""Tests for fastadv_jax.evaluate: batching, padding, devices, records, errors.
+
+One tiny model (the single-layer CNN with 4 filters on 8x8 images), 10 points,
+PGD-5-2: every compiled shape is shared across the module through fixtures.
+"""
+
+import json
+import os
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+import fastadv_jax
+from fastadv_jax import closures
+from fastadv_jax import evaluate
+from fastadv_jax import models
+
+EPS = 8 / 255
+PGD = dict(steps=5, restarts=2)
+NUM = 10
+
+
+@pytest.fixture(scope="module")
+def setup():
+  model = models.get_model("simple_cnn", filters=4)
+  variables = models.init_variables(model, jax.random.key(0), (8, 8, 3))
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (NUM, 8, 8, 3), dtype=np.uint8)
+  logits_fn = evaluate.model_logits_fn(model, variables)
+  predictions = np.asarray(jnp.argmax(logits_fn(images.astype(np.float32) / 255), -1))
+  labels = predictions.copy()
+  labels[:3] = (labels[:3] + 1) % 10  # three clean mistakes
+  return model, variables, logits_fn, images, labels.astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def pgd_batch4(setup):
+  _, _, logits_fn, images, labels = setup
+  return evaluate.pgd_accuracy(logits_fn, images, labels, 0, eps=EPS, batch_size=4,
+                               num_devices=1, progress=False, **PGD)
+
+
+def test_clean_accuracy_matches_direct_computation(setup):
+  _, _, logits_fn, images, labels = setup
+  result = evaluate.clean_accuracy(logits_fn, images, labels, batch_size=4,
+                                   num_devices=1)
+  expected = np.asarray(jnp.argmax(logits_fn(images / 255.0), -1)) == labels
+  np.testing.assert_array_equal(result.correct, expected)
+  assert result.accuracy == pytest.approx(0.7)
+  # float images in [0, 1] give the same as uint8
+  as_float = evaluate.clean_accuracy(logits_fn, images.astype(np.float32) / 255,
+                                     labels, batch_size=4, num_devices=1)
+  np.testing.assert_array_equal(as_float.correct, expected)
+
+
+def test_robust_accuracy_at_most_clean_and_attack_bites(setup, pgd_batch4):
+  _, _, logits_fn, images, labels = setup
+  clean = evaluate.clean_accuracy(logits_fn, images, labels, batch_size=4,
+                                  num_devices=1)
+  robust = pgd_batch4
+  assert robust.correct.dtype == bool and robust.correct.shape == (NUM,)
+  assert not np.any(robust.correct & ~clean.correct)  # robust implies clean-correct
+  assert robust.accuracy <= clean.accuracy
+  assert robust.accuracy < clean.accuracy  # the attack fools some correct points
+  assert robust.accuracy == pytest.approx(np.mean(robust.correct))
+
+
+def test_larger_eps_is_not_more_robust(setup, pgd_batch4):
+  _, _, logits_fn, images, labels = setup
+  small = evaluate.pgd_accuracy(logits_fn, images, labels, 0, eps=1 / 255,
+                                batch_size=4, num_devices=1, progress=False, **PGD)
+  assert small.accuracy > pgd_batch4.accuracy
+  assert not np.any(pgd_batch4.correct & ~small.correct)
+
+
+def test_same_seed_same_result(setup, pgd_batch4):
+  _, _, logits_fn, images, labels = setup
+  again = evaluate.pgd_accuracy(logits_fn, images, labels, jax.random.key(0), eps=EPS,
+                                batch_size=4, num_devices=1, progress=False, **PGD)
+  np.testing.assert_array_equal(again.correct, pgd_batch4.correct)
+
+
+def test_ragged_batches_equal_unbatched_and_compile_once(setup, pgd_batch4):
+  model, variables, _, images, labels = setup
+  traces = []
+
+  def counting_logits_fn():
+    closure = closures.logits_fn(model, variables, bn="eval")
+
+    def apply(x):
+      traces.append(x.shape)  # runs only while tracing
+      return closure(x)
+    return apply
+
+  def count(images, labels, batch_size):
+    traces.clear()
+    result = evaluate.pgd_accuracy(counting_logits_fn(), images, labels, 0, eps=EPS,
+                                   batch_size=batch_size, num_devices=1,
+                                   progress=False, **PGD)
+    return result, len(traces)
+
+  # 10 points in batches of 4 (4 + 4 + 2 padded to 4) vs one batch of 4.
+  ragged, ragged_traces = count(images, labels, 4)
+  one_batch, one_batch_traces = count(images[:4], labels[:4], 4)
+  assert one_batch_traces > 0
+  assert ragged_traces == one_batch_traces  # traced (so compiled) once
+  np.testing.assert_array_equal(ragged.correct, pgd_batch4.correct)
+  np.testing.assert_array_equal(one_batch.correct, pgd_batch4.correct[:4])
+  # all 10 in one unpadded batch
+  _, _, logits_fn, _, _ = setup
+  unbatched = evaluate.pgd_accuracy(logits_fn, images, labels, 0, eps=EPS,
+                                    batch_size=NUM, num_devices=1, progress=False,
+                                    **PGD)
+  np.testing.assert_array_equal(unbatched.correct, pgd_batch4.correct)
+
+
+def test_example_ids_select_the_random_keys(setup, pgd_batch4):
+  """A point's result depends on its test-set index, not its position."""
+  _, _, logits_fn, images, labels = setup
+  order = np.array([9, 2, 5, 0])
+  sub = evaluate.pgd_accuracy(logits_fn, images[order], labels[order], 0, eps=EPS,
+                              batch_size=4, num_devices=1, example_ids=order,
+                              progress=False, **PGD)
+  np.testing.assert_array_equal(sub.correct, pgd_batch4.correct[order])
+
+
+def test_eight_devices_equal_one_device(setup, pgd_batch4):
+  assert jax.local_device_count() == 8
+  _, _, logits_fn, images, labels = setup
+  # batch 8 over 8 devices: 8 + 2 padded to 8, one example per device
+  sharded = evaluate.pgd_accuracy(logits_fn, images, labels, 0, eps=EPS,
+                                  batch_size=8, num_devices=8, progress=False, **PGD)
+  np.testing.assert_array_equal(sharded.correct, pgd_batch4.correct)
+  clean8 = evaluate.clean_accuracy(logits_fn, images, labels, batch_size=8,
+                                   num_devices=8)
+  clean1 = evaluate.clean_accuracy(logits_fn, images, labels, batch_size=4,
+                                   num_devices=1)
+  np.testing.assert_array_equal(clean8.correct, clean1.correct)
+
+
+REQUIRED_FIELDS = (
+    "dataset", "threat_model", "eps", "eps_255", "clean_acc", "robust_acc", "n_clean",
+    "n_robust", "selection", "seed", "attack", "library_version", "jax_version",
+    "device", "timestamp", "wall_time_s")
+
+
+def test_record_fields_json_and_save(setup, pgd_batch4, tmp_path):
+  _, _, logits_fn, images, labels = setup
+  record = evaluate.evaluate(logits_fn, images, labels, 0, attack="pgd", eps=EPS, n=6,
+                             selection="random", batch_size=4, num_devices=1,
+                             dataset="toy", progress=False, **PGD)
+  for field in REQUIRED_FIELDS:
+    assert field in record, field
+  assert record["threat_model"] == "Linf"
+  assert record["eps_255"] == pytest.approx(8.0)
+  assert record["n_clean"] == NUM and record["n_robust"] == 6
+  assert record["attack"]["restart_rule"] == "strict"
+  assert record["attack"]["step"] == pytest.approx(EPS / 4)
+  assert record["library_version"] == fastadv_jax.__version__
+  assert record["jax_version"] == jax.__version__
+  assert record["device"]["count"] == 8 and record["device"]["platform"] == "cpu"
+  assert record["clean_acc"] == pytest.approx(0.7)
+  # the robust points are the seeded selection, with their own keys
+  indices = evaluate.select_indices(NUM, 6, "random", 0)
+  assert record["robust_acc"] == pytest.approx(np.mean(pgd_batch4.correct[indices]))
+  assert record["robust_acc"] <= record["clean_acc_on_attacked_points"]
+  assert json.loads(json.dumps(record)) == record  # JSON-able as is
+
+  path = str(tmp_path / "eval" / "rec.json")
+  assert evaluate.save_record(record, path) == path
+  with open(path) as f:
+    assert json.load(f) == record
+  assert evaluate.save_record(record, path) == path  # identical: nothing new
+  other = dict(record, seed=1)
+  with pytest.warns(UserWarning, match="different record"):
+    second = evaluate.save_record(other, path)
+  assert second == str(tmp_path / "eval" / "rec-1.json")
+  with open(path) as f:
+    assert json.load(f) == record  # the first record is untouched
+  with open(second) as f:
+    assert json.load(f)["seed"] == 1
+  assert sorted(os.listdir(tmp_path / "eval")) == ["rec-1.json", "rec.json"]
+
+
+def test_select_indices():
+  np.testing.assert_array_equal(evaluate.select_indices(100, 5, "first"), np.arange(5))
+  a = evaluate.select_indices(100, 20, "random", 3)
+  assert len(np.unique(a)) == 20 and np.all(np.diff(a) > 0) and a.max() < 100
+  np.testing.assert_array_equal(a, evaluate.select_indices(100, 20, "random", 3))
+  assert not np.array_equal(a, evaluate.select_indices(100, 20, "random", 4))
+
+
+def test_bad_inputs_raise_before_compiling(setup):
+  _, _, logits_fn, images, labels = setup
+  with pytest.raises(ValueError, match="attack.*autoattack.*pgd"):
+    evaluate.evaluate(logits_fn, images, labels, attack="cw", eps=EPS, n=4)
+  with pytest.raises(ValueError, match="eps"):
+    evaluate.evaluate(logits_fn, images, labels, attack="pgd", eps=0.0, n=4)
+  with pytest.raises(ValueError, match="eps"):
+    evaluate.pgd_accuracy(logits_fn, images, labels, 0, eps=-1 / 255)
+  with pytest.raises(ValueError, match="pixel units"):
+    evaluate.pgd_accuracy(logits_fn, images, labels, 0, eps=8.0)
+  with pytest.raises(ValueError, match="n=11.*10"):
+    evaluate.evaluate(logits_fn, images, labels, attack="pgd", eps=EPS, n=11)
+  with pytest.raises(ValueError, match="restart rule.*max_loss.*strict"):
+    evaluate.pgd_accuracy(logits_fn, images, labels, 0, eps=EPS, rule="best")
+  with pytest.raises(ValueError, match="selection"):
+    evaluate.evaluate(logits_fn, images, labels, eps=EPS, n=4, selection="last")
+  with pytest.raises(ValueError, match="batch size"):
+    evaluate.clean_accuracy(logits_fn, images, labels[:5])
+  with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    evaluate.clean_accuracy(logits_fn, images.astype(np.float32), labels)
+  with pytest.raises(ValueError, match="num_devices"):
+    evaluate.clean_accuracy(logits_fn, images, labels, num_devices=9)
+
+
+@pytest.fixture
+def fake_run(setup, monkeypatch, tmp_path):
+  """A work directory whose restore_for_eval and load_split are stand-ins."""
+  model, variables, _, images, labels = setup
+  calls = {"restore": 0, "load": 0}
+  config = ml_collections.ConfigDict(dict(
+      dataset="toy", eps=8.0, model=dict(name="simple_cnn", kwargs=dict(filters=4)),
+      attack=dict(name="fgsm"),
+      data=dict(source="local", data_dir="", local_path="/nowhere")))
+
+  def restore_for_eval(workdir, which="best"):
+    calls["restore"] += 1
+    if which != "best":
+      raise FileNotFoundError(f"No {which!r} checkpoint in {workdir!r}.")
+    return model, variables, config
+
+  def load_split(dataset, split, progress=True, **kwargs):
+    calls["load"] += 1
+    assert (dataset, split) == ("toy", "test")
+    assert kwargs["local_path"] == "/nowhere"
+    return images, labels
+
+  for name, attr, fn in (("train", "restore_for_eval", restore_for_eval),
+                         ("data", "load_split", load_split)):
+    try:
+      module = __import__(f"fastadv_jax.{name}", fromlist=[attr])
+    except ImportError:
+      module = types.ModuleType(f"fastadv_jax.{name}")
+      monkeypatch.setitem(sys.modules, f"fastadv_jax.{name}", module)
+      monkeypatch.setattr(fastadv_jax, name, module, raising=False)
+    monkeypatch.setattr(module, attr, fn, raising=False)
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  return str(workdir), calls
+
+
+def test_evaluate_workdir_writes_record(fake_run, pgd_batch4):
+  workdir, calls = fake_run
+  record = evaluate.evaluate_workdir(workdir, checkpoint="best", n=6, seed=0,
+                                     batch_size=4, num_devices=1, progress=False,
+                                     **PGD)
+  path = os.path.join(workdir, "eval", "best_pgd_n6_seed0.json")
+  assert record["path"] == path
+  with open(path) as f:
+    saved = json.load(f)
+  assert saved["eps"] == pytest.approx(EPS)  # from config.eps = 8 (in /255)
+  assert saved["metadata"]["checkpoint"] == "best"
+  assert saved["metadata"]["model"] == "simple_cnn"
+  indices = evaluate.select_indices(NUM, 6, "random", 0)
+  assert saved["robust_acc"] == pytest.approx(np.mean(pgd_batch4.correct[indices]))
+  assert calls == {"restore": 1, "load": 1}
+
+
+def test_evaluate_workdir_bad_arguments_load_nothing(fake_run):
+  workdir, calls = fake_run
+  with pytest.raises(ValueError, match="attack.*autoattack.*pgd"):
+    evaluate.evaluate_workdir(workdir, attack="fgsm")
+  with pytest.raises(ValueError, match="eps"):
+    evaluate.evaluate_workdir(workdir, eps=0.0)
+  with pytest.raises(ValueError, match="checkpoint"):
+    evaluate.evaluate_workdir(workdir, checkpoint="newest")
+  with pytest.raises(ValueError, match="n=0"):
+    evaluate.evaluate_workdir(workdir, n=0)
+  assert calls == {"restore": 0, "load": 0}
+  with pytest.raises(FileNotFoundError, match="'last' checkpoint"):
+    evaluate.evaluate_workdir(workdir, checkpoint="last")
+  with pytest.raises(FileNotFoundError, match="work directory"):
+    evaluate.evaluate_workdir(os.path.join(workdir, "missing"))
+  # n larger than the (toy, 10-example) test set: found once the data is known
+  with pytest.raises(ValueError, match="n=11.*10"):
+    evaluate.evaluate_workdir(workdir, n=11)
+  assert not os.path.exists(os.path.join(workdir, "eval"))
+
+
+AA = dict(n_iter=3, n_queries=40, checks=False)
+
+
+def test_autoattack_accuracy_and_record(setup):
+  _, _, logits_fn, images, labels = setup
+  clean = evaluate.clean_accuracy(logits_fn, images, labels, batch_size=4,
+                                  num_devices=1)
+  result = evaluate.autoattack_accuracy(logits_fn, images, labels, 0, eps=EPS,
+                                        batch_size=4, progress=False, **AA)
+  assert result.correct.shape == (NUM,) and result.correct.dtype == bool
+  assert not np.any(result.correct & ~clean.correct)
+  assert result.accuracy < clean.accuracy
+  record = evaluate.evaluate(logits_fn, images, labels, 0, attack="autoattack", eps=EPS,
+                             n=NUM, selection="first", batch_size=4, num_devices=1,
+                             autoattack_kwargs=AA, progress=False)
+  # same key (seed 0), points and chunking: the same result
+  assert record["robust_acc"] == pytest.approx(result.accuracy)
+  assert record["attack"]["name"] == "autoattack"
+  assert record["attack"]["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+  assert record["attack"]["n_iter"] == 3 and record["attack"]["n_queries"] == 40
+  stages = record["attack"]["robust_acc_after_stage"]
+  assert stages["clean"] == pytest.approx(0.7)
+  assert stages["square"] == pytest.approx(result.accuracy)
+  assert json.loads(json.dumps(record)) == record
+  with pytest.raises(ValueError, match="one device"):
+    evaluate.autoattack_accuracy(logits_fn, images, labels, 0, eps=EPS, num_devices=8)
