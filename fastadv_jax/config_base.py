@@ -84,7 +84,8 @@ def base_config() -> ml_collections.ConfigDict:
       enabled=False, n_points=256, pgd_steps=10, every_steps=200, stop_on_drop=False,
       drop=0.2))
   c.co_monitor = ml_collections.ConfigDict(dict(
-      enabled=True, pgd_drop=0.05, pgd_rel_drop=0.5, alignment_drop=0.1, rollback=False,
+      enabled=True, pgd_drop=0.05, pgd_rel_drop=0.5, alignment_drop=0.1,
+      fgsm_over_clean=0.05, rollback=False,
       max_rollbacks=2,
       # hparam name -> ConfigDict(op="add"|"mul"|"set", value=...), applied on rollback,
       # e.g. {"attack/q": {"op": "add", "value": 0.1}} or {"reg/grad_align": {"op": "mul", "value": 2}}

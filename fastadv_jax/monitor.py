@@ -31,59 +31,95 @@ class CatastrophicOverfittingMonitor:
   * FGSM accuracy is above the FGSM accuracy at that best record (the FGSM
     accuracy rises while PGD accuracy collapses: the defining signature), and
   * if the record has gradient alignment (or cos(FGSM, PGD)), it fell by more
-    than `alignment_drop` below its value at the best record.
+    than `alignment_drop` below its value at the best record;
+
+  or, when catastrophic overfitting strikes before any robustness was gained
+  (large ε: PGD accuracy never rises, so it cannot drop), when
+
+  * FGSM accuracy exceeds clean accuracy by more than `fgsm_over_clean` (the
+    FGSM perturbation *helps* the model: the label-leaking signature of a
+    model fitted to its own single-step attack, GradAlign Fig. 1), and
+  * gradient alignment (or cos(FGSM, PGD)) fell by more than `alignment_drop`
+    below the highest value seen.
 
   Attributes:
     pgd_drop: absolute drop of PGD accuracy below its best.
     pgd_rel_drop: relative drop of PGD accuracy below its best.
     alignment_drop: absolute drop of gradient alignment / cos(FGSM, PGD).
+    fgsm_over_clean: margin by which FGSM accuracy must exceed clean accuracy
+      for the second trigger.
   """
   pgd_drop: float = 0.05
   pgd_rel_drop: float = 0.5
   alignment_drop: float = 0.1
+  fgsm_over_clean: float = 0.05
   best: dict[str, Any] | None = None
+  max_alignment: float | None = None
   events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   # True while the collapse lasts: it is reported once, at its first record.
   collapsed: bool = False
 
   def update(self, step: int, record: dict[str, float]) -> dict[str, Any] | None:
     """Feeds one evaluation record; returns an event dict when CO is detected."""
+    aligned_key = next((k for k in ("grad_alignment", "cos_fgsm_pgd") if k in record), None)
+    if aligned_key is not None:
+      value = record[aligned_key]
+      self.max_alignment = value if self.max_alignment is None else max(
+          self.max_alignment, value)
     if self.best is None or record["pgd_acc"] > self.best["pgd_acc"]:
       self.best = dict(record, step=int(step))
-      self.collapsed = False
-      return None
+      if not self._leaking(record, aligned_key):
+        self.collapsed = False
+        return None
     best = self.best
     collapsed = (record["pgd_acc"] < best["pgd_acc"] - self.pgd_drop and
                  record["pgd_acc"] < (1.0 - self.pgd_rel_drop) * best["pgd_acc"])
     fgsm_rising = record["fgsm_acc"] > best["fgsm_acc"]
-    aligned_key = next((k for k in ("grad_alignment", "cos_fgsm_pgd")
-                        if k in record and k in best), None)
-    alignment_fell = (aligned_key is None or
+    alignment_fell = (aligned_key is None or aligned_key not in best or
                       record[aligned_key] < best[aligned_key] - self.alignment_drop)
-    if not collapsed:
+    detected = (collapsed and fgsm_rising and alignment_fell) or self._leaking(
+        record, aligned_key)
+    if not detected:
       self.collapsed = False
-    if collapsed and fgsm_rising and alignment_fell and not self.collapsed:
-      self.collapsed = True
-      event = {
-          "step": int(step), "pgd_acc": record["pgd_acc"], "fgsm_acc": record["fgsm_acc"],
-          "best_step": best["step"], "best_pgd_acc": best["pgd_acc"],
-          "best_fgsm_acc": best["fgsm_acc"]}
-      if aligned_key:
-        event[aligned_key] = record[aligned_key]
+      return None
+    if self.collapsed:
+      return None
+    self.collapsed = True
+    event = {
+        "step": int(step), "pgd_acc": record["pgd_acc"], "fgsm_acc": record["fgsm_acc"],
+        "best_step": best["step"], "best_pgd_acc": best["pgd_acc"],
+        "best_fgsm_acc": best["fgsm_acc"],
+        "trigger": "pgd_collapse" if collapsed and fgsm_rising and alignment_fell
+                   else "fgsm_above_clean"}
+    if "clean_acc" in record:
+      event["clean_acc"] = record["clean_acc"]
+    if aligned_key:
+      event[aligned_key] = record[aligned_key]
+      event["max_" + aligned_key] = self.max_alignment
+      if aligned_key in best:
         event["best_" + aligned_key] = best[aligned_key]
-      self.events.append(event)
-      return event
-    return None
+    self.events.append(event)
+    return event
+
+  def _leaking(self, record: dict[str, float], aligned_key: str | None) -> bool:
+    """FGSM accuracy above clean accuracy while alignment fell from its maximum."""
+    if "clean_acc" not in record or aligned_key is None:
+      return False
+    return (record["fgsm_acc"] > record["clean_acc"] + self.fgsm_over_clean and
+            record[aligned_key] < self.max_alignment - self.alignment_drop)
 
   def state_dict(self) -> dict[str, Any]:
     return {"pgd_drop": self.pgd_drop, "pgd_rel_drop": self.pgd_rel_drop,
-            "alignment_drop": self.alignment_drop, "best": self.best,
+            "alignment_drop": self.alignment_drop, "fgsm_over_clean": self.fgsm_over_clean,
+            "best": self.best, "max_alignment": self.max_alignment,
             "events": list(self.events), "collapsed": self.collapsed}
 
   @classmethod
   def from_state_dict(cls, d: dict[str, Any]) -> "CatastrophicOverfittingMonitor":
     return cls(pgd_drop=d["pgd_drop"], pgd_rel_drop=d.get("pgd_rel_drop", 0.5),
-               alignment_drop=d["alignment_drop"], best=d["best"], events=list(d["events"]),
+               alignment_drop=d["alignment_drop"],
+               fgsm_over_clean=d.get("fgsm_over_clean", 0.05), best=d["best"],
+               max_alignment=d.get("max_alignment"), events=list(d["events"]),
                collapsed=d.get("collapsed", False))
 
 

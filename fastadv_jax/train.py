@@ -770,7 +770,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   best_ckpt = checkpoints.Checkpointer(os.path.join(workdir, "best"), max_to_keep=1)
   co_monitor = monitor_lib.CatastrophicOverfittingMonitor(
       pgd_drop=config.co_monitor.pgd_drop, pgd_rel_drop=config.co_monitor.pgd_rel_drop,
-      alignment_drop=config.co_monitor.alignment_drop)
+      alignment_drop=config.co_monitor.alignment_drop,
+      fgsm_over_clean=config.co_monitor.fgsm_over_clean)
   early = monitor_lib.EarlyStopping(drop=config.early_stopping.drop,
                                     stop_on_drop=config.early_stopping.stop_on_drop)
   meta_extra = {"rollbacks": 0, "stopped_early": False}
@@ -826,6 +827,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return {"params": r_state.params, "batch_stats": r_state.batch_stats} \
         if jax.tree_util.tree_leaves(r_state.batch_stats) else {"params": r_state.params}
 
+  def check_finite(loss: float, step: int) -> None:
+    if not np.isfinite(loss):
+      # Stop before the diverged state reaches a checkpoint: the saved ones
+      # stay intact, to resume from with a smaller learning rate.
+      raise FloatingPointError(
+          f"Training loss is {loss} at step {step} (learning rate "
+          f"{float(lr_fn(step - 1)):.4g}); stopping. The checkpoints in {workdir} are "
+          f"from before the divergence.")
+
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
   step = int(np.asarray(state.step))
   bar = tqdm(total=num_steps, initial=step, disable=not (progress and is_main),
@@ -854,6 +864,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if step % config.log_every_steps == 0 or step == num_steps:
           tm = jax.device_get(unreplicate(train_metrics))
           tm = {k: float(v) for k, v in tm.items()}
+          check_finite(tm["train/loss"], step)
           tm["train/lr"] = float(lr_fn(step - 1))
           tm["epoch"] = fractional_epoch(step)
           writer.write(step, tm)
@@ -865,6 +876,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if config.swa.enabled and step in epoch_starts and epoch_of(step) > config.swa.start_epoch:
           r_state = p_swa(r_state)
         if do_eval or do_es or do_ckpt:
+          check_finite(float(unreplicate(train_metrics)["train/loss"]), step)
           r_state = p_sync(r_state)
         if do_es:
           es = run_eval(p_es_step, variables_of(r_state), es_x, es_y,

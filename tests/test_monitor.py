@@ -56,3 +56,19 @@ def test_early_stopping_wong_rule():
   assert es.update(2, 0.30) == (False, False)
   assert es.update(3, 0.20) == (False, True)
   assert es.best_step == 1
+
+
+def test_collapse_before_any_robustness_is_caught_by_fgsm_above_clean():
+  """Large ε: PGD accuracy never rises, but FGSM accuracy overtakes clean accuracy."""
+  run = [dict(record(0.010, 0.05, 0.90), clean_acc=0.30),
+         dict(record(0.016, 0.10, 0.85), clean_acc=0.26),
+         dict(record(0.000, 0.40, 0.30), clean_acc=0.20),
+         dict(record(0.000, 0.60, 0.20), clean_acc=0.18)]
+  m = monitor.CatastrophicOverfittingMonitor()
+  events = [m.update(i, r) for i, r in enumerate(run)]
+  assert [i for i, e in enumerate(events) if e] == [2]
+  assert events[2]["trigger"] == "fgsm_above_clean"
+  assert events[2]["max_grad_alignment"] == 0.90
+  # FGSM above clean with gradients still aligned is not reported.
+  m = monitor.CatastrophicOverfittingMonitor()
+  assert m.update(0, dict(record(0.0, 0.40, 0.88), clean_acc=0.20)) is None

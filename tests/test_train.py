@@ -381,3 +381,16 @@ def test_co_rollback_restores_best_and_strengthens_setting(npz_dataset, tmp_path
   assert meta["extra"]["adjusted_hparams"][0]["attack/q"] == pytest.approx(0.45)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     assert any("co/detected" in line for line in f)
+
+
+def test_divergence_stops_before_reaching_a_checkpoint(npz_dataset, tmp_path):
+  config = tiny(load_config_module("cifar10").get_config("cnn_fgsm"))
+  config.data.update(source="local", local_path=npz_dataset)
+  config.num_epochs = 2
+  config.schedule.lr_max = 1e30  # diverges within the first epoch
+  config.eval.update(n=16, batch_size=16, pgd_steps=1)
+  config.final_eval.enabled = False
+  workdir = str(tmp_path / "nan")
+  with pytest.raises(FloatingPointError, match="Training loss is nan"):
+    train.train_and_evaluate(config, workdir, progress=False)
+  assert checkpoints.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == []
