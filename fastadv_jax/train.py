@@ -432,9 +432,13 @@ def run_eval(p_step, variables_replicated, images, labels, batch_size: int, key,
 
 
 def _shard_leading_axis(tree, devices):
-  """Places arrays whose leading axis has one entry per device, one per device."""
-  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("devices",)),
-                                        jax.sharding.PartitionSpec("devices"))
+  """Places arrays whose leading axis has one entry per device, one per device.
+
+  The mesh axis is named like pmap's (AXIS), so a state placed here has the very
+  sharding a pmapped step returns, and the step is not traced again for it.
+  """
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
+                                        jax.sharding.PartitionSpec(AXIS))
   return jax.device_put(tree, sharding)
 
 

@@ -48,14 +48,24 @@ def synthetic_batch(n=BATCH, num_classes=10, seed=0, devices=1):
   return jax.tree_util.tree_map(lambda a: a.reshape((devices, -1) + a.shape[1:]), batch)
 
 
-def run_steps(config, num_steps=2, devices=1, seed_batch=0, steps_per_epoch=10):
-  """Builds the state and the pmapped step of `config`, runs a few steps."""
+def run_steps(config, num_steps=2, devices=1, seed_batch=0, steps_per_epoch=10,
+              traces=None):
+  """Builds the state and the pmapped step of `config`, runs a few steps.
+
+  `traces`, a list, gets one entry each time the step is traced.
+  """
   devs = jax.local_devices()[:devices]
   model = train.create_model(config)
   tx = train.create_optimizer(config, steps_per_epoch)
   state = train.create_train_state(config, model, tx, jax.random.PRNGKey(0), SHAPE, BATCH)
-  step_fn = jax.pmap(train.make_train_step(config, model, tx, steps_per_epoch),
-                     axis_name=train.AXIS, devices=devs)
+  step = train.make_train_step(config, model, tx, steps_per_epoch)
+
+  def counted_step(state, batch):
+    if traces is not None:
+      traces.append(1)
+    return step(state, batch)
+
+  step_fn = jax.pmap(counted_step, axis_name=train.AXIS, devices=devs)
   r_state = train.to_devices(state, devs)
   metrics = None
   for i in range(num_steps):
@@ -104,11 +114,15 @@ def test_one_device_equals_eight_devices():
   config.batch_size = 16
   global BATCH
   old, BATCH = BATCH, 16
+  traces = []
   try:
-    one, m1 = run_steps(config, devices=1)
-    eight, m8 = run_steps(config, devices=8)
+    one, m1 = run_steps(config, devices=1, num_steps=3, traces=traces)
+    eight, m8 = run_steps(config, devices=8, num_steps=3)
   finally:
     BATCH = old
+  # The state a step returns has the structure and dtypes it takes: one trace
+  # for three batches.
+  assert len(traces) == 1
   for a, b in zip(jax.tree_util.tree_leaves(one.params),
                   jax.tree_util.tree_leaves(eight.params)):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
