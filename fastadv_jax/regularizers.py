@@ -499,6 +499,9 @@ class RegularizerContext(NamedTuple):
     x_start: the attack's starting point (the noisy point for FGSM-RS/FGSM-N),
       or None for the clean x.
     step: training step index (for `every`-k variants), or None.
+    logits_adv: logits at x + delta from the same parameters and BatchNorm
+      mode, when the caller already has them (the train step's CE term):
+      AdvLC then reuses them instead of a second forward/backward pass.
   """
   logits_fn: closures.LogitsFn
   labels: Array
@@ -509,6 +512,7 @@ class RegularizerContext(NamedTuple):
   grad_start: Optional[Array] = None
   x_start: Optional[Array] = None
   step: Any = None
+  logits_adv: Optional[Array] = None
 
 
 def _ce(ctx: RegularizerContext) -> closures.LossFn:
@@ -539,6 +543,7 @@ def _advlc_ctx(distance: str, default_fraction: Optional[float]):
       raise ValueError("clean_point='start' needs ctx.x_start (the attack's noisy start point).")
     if distance in _ELEMENTWISE_DISTANCES:
       hparams.setdefault("top_fraction", default_fraction)
+    hparams.setdefault("logits_adv", ctx.logits_adv)
     return adv_logit_consistency(ctx.logits_fn, ctx.x, ctx.delta, distance=distance,
                                  x_clean=x_clean, **hparams)
   adapter.__doc__ = (f"AdvLC variant distance={distance!r} from a RegularizerContext; "

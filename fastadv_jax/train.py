@@ -294,7 +294,7 @@ def make_train_step(config, model, tx, steps_per_epoch: int) -> Callable:
         ctx = regularizers.RegularizerContext(
             logits_fn=reg_logits, labels=y, x=x, delta=jax.lax.stop_gradient(delta),
             key=reg_key, eps=jnp.float32(eps_full), grad_start=grad_start,
-            x_start=x_start, step=state.step)
+            x_start=x_start, step=state.step, logits_adv=logits.astype(jnp.float32))
         for name, spec in reg_specs.items():
           value = regularizers.regularizer_value(name, ctx, **spec)
           reg_values[name] = value
