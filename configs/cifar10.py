@@ -15,6 +15,10 @@ internet expect numbers close to, not equal to, these):
   pgd2, pgd10     PGD-2 α=ε/2, PGD-10 α=2ε/10, no RS   82.15 / 48.43 and 81.88 / 50.04
   pgd2_gradalign  PGD-2 + GradAlign λ=0.1              (GradAlign Fig. 9)
   cure, igr       FGSM + CURE λ=700 / + IGR λ=1000     80.20 / 47.25 and 77.47 / 46.69
+                  (λ depends on the gradient convention, REFERENCE.md: here the
+                  per-example one; at initialisation of the GradAlign model on
+                  CIFAR-10 it makes λ·IGR about 1e5 times the CE. If a run
+                  diverges, try --config.regularizers.cure.scale=batch_mean)
   fgsm_early_stop FGSM α=7/255 with early stopping     45.35 robust
   zerograd        ZeroGrad q=0.35 (Rice PRN-18, fp32)  81.61 / 47.55
   multigrad       MultiGrad N=3                        81.38 / 47.85
