@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import math
 import os
 import time
 from typing import Any, Callable, Iterator
@@ -113,12 +112,18 @@ def create_learning_rate_fn(config, steps_per_epoch: int) -> optax.Schedule:
 
 
 def _decay_mask(params, decay_bn: bool):
-  """Weight decay on every parameter, or on all but BatchNorm's scale and bias."""
-  def keep(path, _):
-    names = [str(getattr(p, "key", p)) for p in path]
-    is_bn = any("bn" in n.lower() or "batchnorm" in n.lower() for n in names)
-    return decay_bn or not is_bn
-  return jax.tree_util.tree_map_with_path(keep, params)
+  """Weight decay on every parameter, or on all but BatchNorm's scale and bias.
+
+  BatchNorm layers are recognised by their parameters ({scale, bias} without a
+  kernel), not by their names.
+  """
+  def mask(tree):
+    if isinstance(tree, dict):
+      is_bn = bool(tree) and set(tree) <= {"scale", "bias"}
+      return {k: (decay_bn or not is_bn) if not isinstance(v, dict) else mask(v)
+              for k, v in tree.items()}
+    return True
+  return mask(params)
 
 
 def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:

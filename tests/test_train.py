@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -298,7 +297,6 @@ def test_short_real_run_single_layer_cnn_learns(tmp_path):
 
 def test_swa_average_and_batch_statistics():
   """SWA is the equal-weight mean of the weights; BN statistics are batch averages."""
-  from fastadv_jax import models
   config = tiny(load_config_module("cifar10").get_config("advlc_swa"), "preact_resnet18")
   model = train.create_model(config)
   tx = train.create_optimizer(config, 10)
@@ -408,3 +406,15 @@ def test_divergence_stops_before_reaching_a_checkpoint(npz_dataset, tmp_path):
   with pytest.raises(FloatingPointError, match="Training loss is nan"):
     train.train_and_evaluate(config, workdir, progress=False)
   assert checkpoints.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == []
+
+
+def test_weight_decay_mask_spares_batchnorm_only_when_asked():
+  from fastadv_jax import models
+  params = models.abstract_variables(models.get_model("resnet50"), (224, 224, 3))["params"]
+  leaves = jax.tree_util.tree_leaves_with_path(train._decay_mask(params, decay_bn=False))
+  spared = {jax.tree_util.keystr(p) for p, keep in leaves if not keep}
+  assert len(spared) == 2 * 53  # scale and bias of ResNet-50's 53 BatchNorm layers
+  assert all("bn" in name for name in spared)
+  assert "['fc']['bias']" not in spared
+  everything = jax.tree_util.tree_leaves(train._decay_mask(params, decay_bn=True))
+  assert all(everything)
