@@ -104,6 +104,10 @@ def create_learning_rate_fn(config, steps_per_epoch: int) -> optax.Schedule:
     kwargs.setdefault("total_steps", total_steps(config, steps_per_epoch))
   if "steps_per_epoch" in accepted:
     kwargs.setdefault("steps_per_epoch", iters_per_epoch)
+  if "phase_boundaries" in accepted and "imagenet_phases" in config:
+    # Per-phase steps per epoch belong to the config's own phases.
+    kwargs.setdefault("phase_boundaries",
+                      list(config.imagenet_phases.start_epochs) + [config.num_epochs])
   if "boundary_epochs" in kwargs:
     kwargs["boundaries"] = [int(e * iters_per_epoch) for e in kwargs.pop("boundary_epochs")]
   if "drop_epoch" in kwargs:

@@ -349,6 +349,7 @@ def test_imagenet_progressive_resizing_loop(tmp_path, monkeypatch):
   config.imagenet_phases.update(start_epochs=[0, 1, 2], crop_sizes=[8, 12, 16],
                                 resize_sizes=[12, 16, 0], batch_sizes=[16, 8, 8],
                                 eval_size=16)
+  config.schedule.kwargs = {"epoch_knots": [0, 1, 2, 3], "values": [0, 0.01, 0.001, 1e-4]}
   config.eval.update(n=16, batch_size=16, pgd_steps=1)
   config.final_eval.enabled = False
   config.log_every_steps = 1
