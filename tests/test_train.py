@@ -26,7 +26,7 @@ def load_config_module(name):
   return config_base.load_config_file(os.path.join(REPO, "configs", f"{name}.py"))
 
 
-ALL_VARIANTS = [(ds, v) for ds in ("cifar10", "cifar100", "svhn")
+ALL_VARIANTS = [(ds, v) for ds in ("cifar10", "cifar100", "svhn", "imagenet")
                 for v in load_config_module(ds).VARIANTS]
 
 
