@@ -89,6 +89,7 @@ from fastadv_jax import closures  # noqa: E402
 from fastadv_jax import evaluate  # noqa: E402
 from fastadv_jax import interop  # noqa: E402
 from fastadv_jax import models  # noqa: E402
+from fastadv_jax.autoattack.ensemble import padded_chunks  # noqa: E402
 
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "fastadv_jax",
                          "parity_autoattack")
@@ -276,16 +277,6 @@ class Timer:
     return n / wall, n / wall_run, n / cpu_run
 
 
-def _padded_chunks(indices, size):
-  """(index chunk padded with its first entry to `size`, number of real entries)."""
-  for start in range(0, len(indices), size):
-    chunk = indices[start:start + size]
-    n = len(chunk)
-    if n < size:
-      chunk = np.concatenate([chunk, np.full(size - n, chunk[0], chunk.dtype)])
-    yield chunk, n
-
-
 def run_jax_attack(name, logits_fn, images, labels, clean_correct, key, args, timer):
   """Robust mask (N,) of one JAX attack; only clean-correct points are attacked.
 
@@ -325,7 +316,7 @@ def run_jax_attack(name, logits_fn, images, labels, clean_correct, key, args, ti
           progress=False).correct
     return timer.run(pgd), None
 
-  for i, (chunk, n) in enumerate(_padded_chunks(attacked, b)):
+  for i, (chunk, n) in enumerate(padded_chunks(attacked, b)):
     x = jnp.asarray(x_all[chunk])
     y = jnp.asarray(labels[chunk])
     mask = jnp.arange(b) < n

@@ -405,20 +405,11 @@ def _sharded_eval_batches(images, labels, batch_size: int, num_devices: int
                           ) -> Iterator[dict]:
   """Fixed-shape batches (padded, with a mask) reshaped to (devices, per-device, ...)."""
   batch_size = max(num_devices, (batch_size // num_devices) * num_devices)
-  n = len(images)
-  for start in range(0, n, batch_size):
-    x = images[start:start + batch_size]
-    y = labels[start:start + batch_size]
-    m = np.ones(len(x), np.bool_)
-    pad = batch_size - len(x)
-    if pad:
-      x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-      y = np.concatenate([y, np.zeros((pad,), y.dtype)])
-      m = np.concatenate([m, np.zeros((pad,), np.bool_)])
+  for x, y, mask in data_lib.eval_batches(images, labels, batch_size):
     x = data_lib.to_float(x) if x.dtype == np.uint8 else x
     yield jax.tree_util.tree_map(
         lambda a: a.reshape((num_devices, -1) + a.shape[1:]),
-        {"image": np.asarray(x, np.float32), "label": y.astype(np.int32), "mask": m})
+        {"image": np.asarray(x, np.float32), "label": y, "mask": mask})
 
 
 def run_eval(p_step, variables_replicated, images, labels, batch_size: int, key,

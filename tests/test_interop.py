@@ -8,13 +8,13 @@ import importlib.util
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from fastadv_jax import interop, models  # noqa: E402
+from model_helpers import random_variables  # noqa: E402
 
 _TWINS_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "torch_models.py")
 
@@ -63,23 +63,6 @@ def _randomize_batchnorm(model, seed=0):
       module.bias.data.copy_(torch.rand(n, generator=gen) - 0.5)
 
 
-def _random_variables(model, seed):
-  """Seeded random variables (non-trivial BN statistics) without compiling init."""
-  rng = np.random.RandomState(seed)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    if name in ("scale", "var"):
-      value = rng.uniform(0.5, 1.5, leaf.shape)
-    elif name in ("bias", "mean"):
-      value = rng.uniform(-0.2, 0.2, leaf.shape)
-    else:
-      value = rng.normal(0, np.sqrt(2 / np.prod(leaf.shape[:-1])), leaf.shape)
-    return jnp.asarray(value, jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, models.abstract_variables(model))
-
-
 def _assert_logits_close(actual, expected):
   scale = max(1.0, float(np.abs(expected).max()))
   np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-4 * scale)
@@ -104,7 +87,7 @@ def test_torch_to_flax_gives_the_same_logits(name, kwargs, images):
 @pytest.mark.parametrize("name, kwargs", CASES, ids=IDS)
 def test_flax_to_torch_gives_the_same_logits(name, kwargs, images):
   model = models.get_model(name, **kwargs)
-  variables = _random_variables(model, seed=5)
+  variables = random_variables(model, seed=5)
   expected = np.asarray(jax.jit(model.apply)(variables, images))
   state_dict = interop.flax_to_torch_state_dict(variables, model)
   torch_model = twins.build_torch_model(name, **kwargs)
@@ -119,14 +102,14 @@ def test_flax_to_torch_gives_the_same_logits(name, kwargs, images):
 
 def test_reference_key_names():
   model = models.get_model("preact_resnet18_rice", **TINY)
-  variables = _random_variables(model, seed=0)
+  variables = random_variables(model, seed=0)
   keys = set(interop.flax_to_torch_state_dict(variables, model, as_torch=False))
   for key in ["conv1.weight", "layer1.0.bn1.weight", "layer1.0.bn1.running_var",
               "layer1.0.conv1.weight", "layer2.0.shortcut.0.weight", "bn.running_mean",
               "bn.num_batches_tracked", "linear.weight", "linear.bias"]:
     assert key in keys
   cnn = models.get_model("simple_cnn")
-  cnn_keys = interop.flax_to_torch_state_dict(_random_variables(cnn, seed=0), cnn, as_torch=False)
+  cnn_keys = interop.flax_to_torch_state_dict(random_variables(cnn, seed=0), cnn, as_torch=False)
   assert set(cnn_keys) == {"_model.0.weight", "_model.0.bias", "_model.3.weight", "_model.3.bias"}
   assert cnn_keys["_model.3.weight"].shape == (10, 4 * 32 * 32)
 
@@ -202,7 +185,7 @@ def test_load_torch_checkpoint(tmp_path, images):
 
 
 def test_flax_to_torch_rejects_foreign_variables():
-  small = _random_variables(models.get_model("preact_resnet18", **TINY), seed=0)
+  small = random_variables(models.get_model("preact_resnet18", **TINY), seed=0)
   with pytest.raises(ValueError, match="do not match"):
     interop.flax_to_torch_state_dict(small, "preact_resnet18", final_bn=True, **TINY)
 

@@ -11,33 +11,13 @@ import pytest
 
 from fastadv_jax import models
 from fastadv_jax.models import common
+from model_helpers import random_variables
 
 TINY = dict(widths=(8, 16, 32, 64))
 # One stage of width 64: cheap to initialise, and layer1_0/conv2 is 3x3x64x64
 # (fan_in = fan_out = 576) for the initialiser statistics.
 ONE_STAGE = dict(stage_sizes=(1,), widths=(64,))
 BATCH = 4
-
-
-def random_variables(model, seed, image_shape=(32, 32, 3)):
-  """Seeded random variables of the right shapes, without compiling `model.init`.
-
-  (Compiling the random initialisers of a whole network is the slowest thing
-  on CPU; most tests only need some well-scaled weights.)
-  """
-  rng = np.random.RandomState(seed)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    if name in ("scale", "var"):
-      value = rng.uniform(0.5, 1.5, leaf.shape)
-    elif name in ("bias", "mean"):
-      value = rng.uniform(-0.2, 0.2, leaf.shape)
-    else:  # kernels, He-like scale
-      value = rng.normal(0, np.sqrt(2 / np.prod(leaf.shape[:-1])), leaf.shape)
-    return jnp.asarray(value, jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, models.abstract_variables(model, image_shape))
 
 
 def apply_eval(model, variables, x):

@@ -111,7 +111,7 @@ def _scatter_rows(x_adv, rows, values):
   return x_adv.at[rows].set(values, mode="drop")
 
 
-def _chunks(indices: np.ndarray, size: int):
+def padded_chunks(indices: np.ndarray, size: int):
   """Yields (padded index array of length `size`, number of real entries)."""
   for start in range(0, len(indices), size):
     chunk = indices[start:start + size]
@@ -183,7 +183,7 @@ def autoattack(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "Linf"
   all_indices = np.arange(num_points)
   predictions = np.empty(num_points, np.int64)
   num_classes = None
-  for c, (chunk, n) in enumerate(_chunks(all_indices, chunk_size)):
+  for c, (chunk, n) in enumerate(padded_chunks(all_indices, chunk_size)):
     logits = _common.predict(fn, x[chunk], jax.random.fold_in(key_clean, c), stochastic)
     if num_classes is None:
       num_classes = logits.shape[-1]
@@ -234,7 +234,7 @@ def autoattack(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "Linf"
     indices = np.flatnonzero(robust)
     n_zero_grad = 0
     key_stage = jax.random.fold_in(key_attacks, stage)
-    for c, (chunk, n) in enumerate(_chunks(indices, chunk_size)):
+    for c, (chunk, n) in enumerate(padded_chunks(indices, chunk_size)):
       key_chunk = jax.random.fold_in(key_stage, c)
       mask = jnp.arange(chunk_size) < n
       xb, yb = x[chunk], y[chunk]
