@@ -47,7 +47,7 @@ def get_config(variant: str = "fgsm_rs") -> ml_collections.ConfigDict:
   config.imagenet_phases = ml_collections.ConfigDict(dict(
       start_epochs=[0, 6, 12], crop_sizes=[128, 224, 288], resize_sizes=[160, 352, 352],
       batch_sizes=[512, 224, 128], eval_size=288))
-  config.eval.update(n=1000, batch_size=100, pgd_steps=10)
+  config.evals.test.update(n=1000, batch_size=100, pgd_steps=10)
   config.final_eval.update(n=1000, steps=50, restarts=10, batch_size=100)
   config.augment.update(padding=0, flip=True)
   if variant == "gradalign":

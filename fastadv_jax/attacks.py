@@ -2,7 +2,10 @@
 
 Every attack here is a pure, jittable function with fixed shapes::
 
-  delta = attack(loss_fn, x, key, *, eps, ...)
+  out = attack(loss_fn, x, key, *, eps, ...)     # an AttackOutput
+  out.delta           # the perturbation; x + out.delta is the adversarial point
+  out.start           # the point at which the attack took its input gradient
+  out.grad_at_start   # that gradient (None for attacks that take none)
 
 * `loss_fn(x) -> scalar` is the batch-mean loss (see `fastadv_jax.closures`); PGD's
   per-example features (early stopping, restart selection, best iterates) need a
@@ -10,7 +13,9 @@ Every attack here is a pure, jittable function with fixed shapes::
   correctness.
 * `x` is a batch of NHWC images in [0, 1]; `eps` and `step` are in pixel units.
 * The returned `delta` is float32, has the shape of `x`, and `x + delta` lies in
-  the box [0, 1]. Perturbation arithmetic is float32 even when the model computes
+  the box [0, 1]. `start` and `grad_at_start` let a regularizer reuse the
+  attack's gradient (GradAlign's g1 at the FGSM starting point) instead of
+  recomputing it. Perturbation arithmetic is float32 even when the model computes
   in bf16 (8/255 is only a handful of bf16 steps near 1.0): input gradients are
   cast to float32 before they are used.
 * Input gradients are gradients of the *batch-mean* loss. With BatchNorm in batch
@@ -23,8 +28,13 @@ Every attack here is a pure, jittable function with fixed shapes::
   `jax.jit` pass unchecked (a warmed-up ε or a step that starts at 0 never forces
   a recompile).
 
-The maximal l_inf norm of each attack's perturbation is given by
-`perturbation_set_radius(name, eps)`: ε for most, 2ε for FGSM-N, 3ε for N-FGSM.
+Each attack is registered once, beside its function, with an `AttackSpec`: its
+default step as a multiple of ε, the radius of its perturbation set (ε for most,
+2ε for FGSM-N, 3ε for N-FGSM), which hyperparameters are traced (the
+catastrophic-overfitting monitor may change them without a recompile), whether
+its gradient is taken at the clean x, and for AT for Free the per-run state. The
+train step, the config validation and the tests read these specs; nothing
+outside this module restates them.
 
 Where the papers and their code differ, a keyword argument selects; the defaults
 follow REFERENCE.md (the authors' code).
@@ -32,8 +42,10 @@ follow REFERENCE.md (the authors' code).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+from typing import Any, Callable, Mapping, Optional
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,10 +167,23 @@ def _as_float32(x: Array) -> Array:
   return jnp.asarray(x, jnp.float32)
 
 
-def _maybe_tuple(delta, *extras):
-  """(delta, *requested extras) or delta alone when none was requested."""
-  requested = tuple(value for value, wanted in extras if wanted)
-  return (delta, *requested) if requested else delta
+@flax.struct.dataclass
+class AttackOutput:
+  """What every attack returns (a pytree; passes through `jit` and `pmap`).
+
+  Attributes:
+    delta: the perturbation, float32, shape of x; x + delta lies in the box.
+    start: the point at which the attack took its (first) input gradient: x for
+      FGSM and PGD without random start, the box-clipped noisy point for
+      FGSM-RS, ZeroGrad, N-FGSM and FGSM-N, the first random start for
+      MultiGrad. GradAlign's g1 is the gradient here (GradAlign Sec. 4).
+    grad_at_start: float32 input gradient of the batch-mean loss at `start`,
+      or None when the attack takes no gradient (no attack, a pure random
+      corner, PGD with zero steps).
+  """
+  delta: Array
+  start: Array
+  grad_at_start: Optional[Array] = None
 
 
 # ----------------------------------------------------------------------------
@@ -166,14 +191,15 @@ def _maybe_tuple(delta, *extras):
 # ----------------------------------------------------------------------------
 
 def no_attack(loss_fn: LossClosure, x: Array, key: Array | None = None, *,
-              eps: Any = 0.0) -> Array:
+              eps: Any = 0.0) -> AttackOutput:
   """The zero perturbation (standard training), for registries and configs."""
   del loss_fn, key, eps
-  return jnp.zeros(jnp.shape(x), jnp.float32)
+  x = _as_float32(x)
+  return AttackOutput(jnp.zeros(x.shape, jnp.float32), x, None)
 
 
 def fgsm(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
-         step: Any = None, return_grad: bool = False):
+         step: Any = None) -> AttackOutput:
   """FGSM (Goodfellow et al. 2015) from the clean point.
 
   delta = clip_eps(step * sign(grad_x loss(x))), then projected onto the box.
@@ -184,22 +210,20 @@ def fgsm(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
     key: unused (FGSM is deterministic); accepted for a uniform signature.
     eps: l_inf radius.
     step: step size alpha (default eps).
-    return_grad: also return the input gradient at x (GradAlign's g1).
   Returns:
-    delta, or (delta, grad) with return_grad.
+    AttackOutput; start = x, grad_at_start = the input gradient at x.
   """
   del key
   _check_common(x, eps, step)
-  step = eps if step is None else step
+  step = _step_or_default("fgsm", step, eps)
   x = _as_float32(x)
   grad = _input_grad(loss_fn, x)
   delta = project_box(x, project_linf(step * jnp.sign(grad), eps))
-  return _maybe_tuple(delta, (grad, return_grad))
+  return AttackOutput(delta, x, grad)
 
 
 def fgsm_rs(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
-            step: Any = None, clip_init_to_box: bool = True,
-            return_grad: bool = False):
+            step: Any = None, clip_init_to_box: bool = True) -> AttackOutput:
   """FGSM with a random start (FGSM-RS; Wong et al. 2020, Alg. 3).
 
   eta ~ U[-eps, eps]^d, delta = clip_eps(eta + step * sign(grad loss(x + eta))),
@@ -214,25 +238,26 @@ def fgsm_rs(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
     clip_init_to_box: True (Wong's code) clips eta so that x + eta is in the box
       before the step; False (the GradAlign code) keeps the unclipped eta in the
       update, while the gradient is still taken at the box-clipped point.
-    return_grad: also return the input gradient at the box-clipped x + eta.
   Returns:
-    delta, or (delta, grad).
+    AttackOutput; start = the box-clipped x + eta, grad_at_start = the input
+    gradient there.
   """
   _check_key(key, "fgsm_rs")
   _check_common(x, eps, step)
-  step = 1.25 * eps if step is None else step
+  step = _step_or_default("fgsm_rs", step, eps)
   x = _as_float32(x)
   eta = _uniform(key, x.shape, eps)
   if clip_init_to_box:
     eta = project_box(x, eta)
-  grad = _input_grad(loss_fn, x + project_box(x, eta))
+  start = x + project_box(x, eta)
+  grad = _input_grad(loss_fn, start)
   delta = project_box(x, project_linf(eta + step * jnp.sign(grad), eps))
-  return _maybe_tuple(delta, (grad, return_grad))
+  return AttackOutput(delta, start, grad)
 
 
 def zerograd(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any, q: Any,
              step: Any = None, mask_mode: str = "gradient",
-             clip_init_to_box: bool = True, return_grad: bool = False):
+             clip_init_to_box: bool = True) -> AttackOutput:
   """ZeroGrad (Golgooni et al. 2021): FGSM-RS with small gradient entries zeroed.
 
   eta ~ U[-eps, eps]^d (box-clipped), g = grad loss(x + eta); per example,
@@ -256,20 +281,21 @@ def zerograd(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any, q: Any,
     step: step alpha (default 2 eps).
     mask_mode: "gradient" or "perturbation", see above.
     clip_init_to_box: clip eta to the box before the step (the authors' code).
-    return_grad: also return the unmasked input gradient g at x + eta.
   Returns:
-    delta, or (delta, grad).
+    AttackOutput; start = the box-clipped x + eta, grad_at_start = the
+    unmasked input gradient g there.
   """
   _check_key(key, "zerograd")
   _check_common(x, eps, step)
   _checks.check_in_range("q", q, 0.0, 1.0)
   _checks.check_choice("ZeroGrad mask_mode", mask_mode, ZEROGRAD_MASK_MODES)
-  step = 2.0 * eps if step is None else step
+  step = _step_or_default("zerograd", step, eps)
   x = _as_float32(x)
   eta = _uniform(key, x.shape, eps)
   if clip_init_to_box:
     eta = project_box(x, eta)
-  grad = _input_grad(loss_fn, x + project_box(x, eta))
+  start = x + project_box(x, eta)
+  grad = _input_grad(loss_fn, start)
   threshold = per_example_quantile(jnp.abs(grad), q)
   keep = jnp.abs(grad) >= threshold.reshape((-1,) + (1,) * (grad.ndim - 1))
   if mask_mode == "gradient":
@@ -277,12 +303,12 @@ def zerograd(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any, q: Any,
   else:
     delta = jnp.where(keep, project_linf(eta + step * jnp.sign(grad), eps), 0.0)
   delta = project_box(x, delta)
-  return _maybe_tuple(delta, (grad, return_grad))
+  return AttackOutput(delta, start, grad)
 
 
 def multigrad(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
-              num_starts: int = 3, step: Any = None, vectorize: bool = True,
-              return_grad: bool = False):
+              num_starts: int = 3, step: Any = None,
+              vectorize: bool = True) -> AttackOutput:
   """MultiGrad (Golgooni et al. 2021): keep coordinates whose gradient signs agree.
 
   Gradients g_1..g_N at N random starts x + eta_n, eta_n ~ U[-eps, eps]^d
@@ -300,14 +326,13 @@ def multigrad(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
     vectorize: True computes the N gradients with `jax.vmap` (each start is its
       own batch, as in the authors' non-parallel code); False uses `lax.map`
       (sequential, N times less memory).
-    return_grad: also return g_1.
   Returns:
-    delta, or (delta, g_1).
+    AttackOutput; start = the first random start x + eta_1, grad_at_start = g_1.
   """
   _check_key(key, "multigrad")
   _check_common(x, eps, step)
   _check_count("num_starts", num_starts, 1)
-  step = eps if step is None else step
+  step = _step_or_default("multigrad", step, eps)
   x = _as_float32(x)
   keys = jax.random.split(key, num_starts)
   etas = jax.vmap(lambda k: project_box(x, _uniform(k, x.shape, eps)))(keys)
@@ -316,13 +341,12 @@ def multigrad(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
   signs = jnp.sign(grads)
   agree = jnp.abs(jnp.sum(signs, axis=0)) >= num_starts
   delta = project_box(x, project_linf(step * jnp.where(agree, signs[0], 0.0), eps))
-  return _maybe_tuple(delta, (grads[0], return_grad))
+  return AttackOutput(delta, x + etas[0], grads[0])
 
 
 def n_fgsm(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
            noise_mag: Any = None, step: Any = None,
-           clip_noise_to_box: bool = True, return_grad: bool = False,
-           return_noise: bool = False):
+           clip_noise_to_box: bool = True) -> AttackOutput:
   """N-FGSM (de Jorge et al. 2022, "Make some noise").
 
   eta ~ U[-noise_mag, noise_mag]^d, clipped so that x + eta is in the box (as in
@@ -340,30 +364,27 @@ def n_fgsm(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
     clip_noise_to_box: clip eta to the box before the gradient (authors' code);
       False keeps the raw eta in the update (the gradient is still taken at the
       box-clipped point).
-    return_grad: also return the input gradient at x + eta.
-    return_noise: also return eta (the noisy point is x + eta).
   Returns:
-    delta, or a tuple (delta, [grad], [eta]) with the requested extras in that order.
+    AttackOutput; start = the box-clipped noisy point x + eta, grad_at_start
+    = the input gradient there.
   """
   _check_key(key, "n_fgsm")
   _check_common(x, eps, step)
   _checks.check_nonnegative("noise_mag", noise_mag)
-  noise_mag = 2.0 * eps if noise_mag is None else noise_mag
-  step = eps if step is None else step
-  return _noisy_fgsm(loss_fn, x, key, noise_mag, step, clip_noise_to_box,
-                     return_grad, return_noise)
+  noise_mag = _N_FGSM_NOISE * eps if noise_mag is None else noise_mag
+  step = _step_or_default("n_fgsm", step, eps)
+  return _noisy_fgsm(loss_fn, x, key, noise_mag, step, clip_noise_to_box)
 
 
 def fgsm_n(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
-           step: Any = None, noise_mag: Any = None,
-           return_grad: bool = False, return_noise: bool = False):
+           step: Any = None, noise_mag: Any = None) -> AttackOutput:
   """FGSM-N (Zhang et al. 2022), the single-step baseline of the AdvLC paper.
 
   Not N-FGSM: eta ~ U[-eps, eps]^d clipped to the box, one step of size eps from
   x + eta, no projection back to the eps-ball (box only), so ||delta||_inf can
   reach 2 eps. In the AdvLC code the regularizer's "clean" logits are taken at the
-  noisy point x + eta (Eq. 14 of the paper uses f(x)); `return_noise=True` returns
-  eta so that the caller can do either.
+  noisy point x + eta (Eq. 14 of the paper uses f(x)); the output's `start` is
+  that noisy point, so that the caller can do either.
 
   Args:
     loss_fn: batch-mean loss closure.
@@ -372,33 +393,31 @@ def fgsm_n(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
     eps: l_inf radius of the noise and default step.
     step: step (default eps).
     noise_mag: noise half-width (default eps).
-    return_grad: also return the input gradient at x + eta.
-    return_noise: also return eta (box-clipped; x + eta is the noisy point).
   Returns:
-    delta, or a tuple (delta, [grad], [eta]) with the requested extras in that order.
+    AttackOutput; start = the box-clipped noisy point x + eta, grad_at_start
+    = the input gradient there.
   """
   _check_key(key, "fgsm_n")
   _check_common(x, eps, step)
   _checks.check_nonnegative("noise_mag", noise_mag)
   noise_mag = eps if noise_mag is None else noise_mag
-  step = eps if step is None else step
-  return _noisy_fgsm(loss_fn, x, key, noise_mag, step, True, return_grad,
-                     return_noise)
+  step = _step_or_default("fgsm_n", step, eps)
+  return _noisy_fgsm(loss_fn, x, key, noise_mag, step, True)
 
 
-def _noisy_fgsm(loss_fn, x, key, noise_mag, step, clip_noise_to_box,
-                return_grad, return_noise):
+def _noisy_fgsm(loss_fn, x, key, noise_mag, step, clip_noise_to_box) -> AttackOutput:
   x = _as_float32(x)
   eta = _uniform(key, x.shape, noise_mag)
   if clip_noise_to_box:
     eta = project_box(x, eta)
-  grad = _input_grad(loss_fn, x + project_box(x, eta))
+  start = x + project_box(x, eta)
+  grad = _input_grad(loss_fn, start)
   delta = project_box(x, eta + step * jnp.sign(grad))
-  return _maybe_tuple(delta, (grad, return_grad), (eta, return_noise))
+  return AttackOutput(delta, start, grad)
 
 
 def random_corner(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
-                  step: Any = None, return_grad: bool = False):
+                  step: Any = None) -> AttackOutput:
   """A random vertex of the eps-ball (GradAlign paper, Sec. 3 baselines).
 
   The GradAlign code's `--attack random_corner` trains on delta = eps * sign(u),
@@ -412,28 +431,26 @@ def random_corner(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
   as `pgd(..., delta_init=...)`.)
 
   Args:
-    loss_fn: batch-mean loss closure (used only with a step or return_grad).
+    loss_fn: batch-mean loss closure (used only with a step).
     x: images in [0, 1].
     key: PRNG key for the corner.
     eps: l_inf radius.
     step: None (pure random corner) or the FGSM step from the corner.
-    return_grad: also return an input gradient: at the corner point with a step;
-      without one, at the clean x (what the GradAlign code uses as g1 for this
-      attack).
   Returns:
-    delta, or (delta, grad).
+    AttackOutput. Without a step no gradient is taken: start = x (where the
+    GradAlign code takes g1 for this attack) and grad_at_start = None. With a
+    step: start = the corner point, grad_at_start = the gradient there.
   """
   _check_key(key, "random_corner")
   _check_common(x, eps, step)
   x = _as_float32(x)
   corner = project_box(x, eps * jax.random.rademacher(key, x.shape, jnp.float32))
   if step is None:
-    if not return_grad:
-      return corner
-    return corner, _input_grad(loss_fn, x)
-  grad = _input_grad(loss_fn, x + corner)
+    return AttackOutput(corner, x, None)
+  start = x + corner
+  grad = _input_grad(loss_fn, start)
   delta = project_box(x, project_linf(corner + step * jnp.sign(grad), eps))
-  return _maybe_tuple(delta, (grad, return_grad))
+  return AttackOutput(delta, start, grad)
 
 
 # ----------------------------------------------------------------------------
@@ -460,45 +477,47 @@ def free_update(x: Array, delta: Array, grad: Array, *, eps: Any,
   """
   _checks.check_eps(eps)
   _checks.check_nonnegative("step", step)
-  step = eps if step is None else step
+  step = _step_or_default("free", step, eps)
   x = _as_float32(x)
   grad = jnp.asarray(grad).astype(jnp.float32)
   new = jnp.asarray(delta, jnp.float32) + step * jnp.sign(grad)
   return project_box(x, project_linf(new, eps))
 
 
-def free_step(loss_fn: LossClosure, x: Array, delta: Array, *, eps: Any,
-              step: Any = None, return_grad: bool = False):
+def free_step(loss_fn: LossClosure, x: Array, key: Array | None = None, *,
+              eps: Any, delta: Array, step: Any = None) -> AttackOutput:
   """AT for Free (Shafahi et al. 2019): one replay's update of the carried delta.
 
   g = grad loss at the box-clipped x + delta (delta carried over from the previous
   replay or minibatch; zeros at the very start); new delta =
   box(clip_eps(delta + step * sign(g))).
 
-  How the train step uses it: in the original algorithm the weight gradient is
-  taken at x + delta *before* this update, from the same forward/backward pass,
-  so one replay costs one pass; the train step can reproduce that by
-  differentiating with respect to (params, delta) jointly and calling
+  How the train step uses it (through `FREE_CARRY`): in the original algorithm
+  the weight gradient is taken at x + delta *before* this update, from the same
+  forward/backward pass, so one replay costs one pass; the train step does that
+  by differentiating with respect to (params, delta) jointly and calling
   `free_update` with the input gradient. Calling `free_step` and then training at
   x + new_delta costs two passes, which is what the GradAlign code does.
 
   Args:
     loss_fn: batch-mean loss closure.
     x: images in [0, 1].
-    delta: carried perturbation, same shape as x.
+    key: unused (deterministic); accepted for a uniform signature.
     eps: l_inf radius.
+    delta: carried perturbation, same shape as x.
     step: step (default eps).
-    return_grad: also return g.
   Returns:
-    new delta, or (new delta, g).
+    AttackOutput; delta = the new delta, start = the box-clipped x + delta
+    (old), grad_at_start = g.
   """
+  del key
   _check_common(x, eps, step)
   _checks.check_same_shape("delta", delta, "x", x)
   x = _as_float32(x)
   delta = jnp.asarray(delta, jnp.float32)
-  grad = _input_grad(loss_fn, x + project_box(x, delta))
-  new_delta = free_update(x, delta, grad, eps=eps, step=step)
-  return _maybe_tuple(new_delta, (grad, return_grad))
+  start = x + project_box(x, delta)
+  grad = _input_grad(loss_fn, start)
+  return AttackOutput(free_update(x, delta, grad, eps=eps, step=step), start, grad)
 
 
 # ----------------------------------------------------------------------------
@@ -510,7 +529,7 @@ def pgd(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
         early_stop: bool = False, select: str = "strict",
         keep_best: bool = False, norm: str = "linf",
         delta_init: Array | None = None, clip_init_to_box: bool = True,
-        unroll: bool | int | None = None) -> Array:
+        unroll: bool | int | None = None) -> AttackOutput:
   """Projected gradient ascent (Madry et al. 2018) with restarts.
 
   Per restart: a start delta_0 (see below); then `steps` times
@@ -566,7 +585,9 @@ def pgd(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
     delta_init: optional start, same shape as x.
     clip_init_to_box: project the start onto the box.
   Returns:
-    delta (float32, shape of x) with x + delta in [0, 1] and ||delta|| <= eps.
+    AttackOutput: delta (float32, shape of x) with x + delta in [0, 1] and
+    ||delta|| <= eps; start = the first restart's (box-clipped) starting point
+    and grad_at_start = the gradient there (None when steps = 0).
   """
   _check_common(x, eps, step, norm=norm)
   _checks.check_choice("norm", norm, NORMS)
@@ -641,9 +662,11 @@ def pgd(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
     best_loss = jnp.full((batch,), -jnp.inf, jnp.float32)
     best_correct = jnp.ones((batch,), bool)
 
-    def body(_, carry):
-      delta, best_delta, best_loss, best_correct = carry
+    def body(i, carry):
+      delta, best_delta, best_loss, best_correct, first_grad = carry
       grad, losses, correct = evaluate(delta)
+      # Kept for the output's grad_at_start: a select, no extra pass.
+      first_grad = jnp.where(i == 0, grad, first_grad)
       if keep_best:
         # The iterate at which this gradient was taken; the start included.
         better = losses > best_loss
@@ -653,13 +676,16 @@ def pgd(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
       new_delta = project_box(x, ball(delta + step * ascent_direction(grad), eps))
       if early_stop:
         new_delta = jnp.where(expand(correct), new_delta, delta)
-      return new_delta, best_delta, best_loss, best_correct
+      return new_delta, best_delta, best_loss, best_correct, first_grad
 
-    delta, best_delta, best_loss, best_correct = jax.lax.fori_loop(
-        0, steps, body, (delta, best_delta, best_loss, best_correct), unroll=unroll)
+    start_point = x + project_box(x, delta)
+    delta, best_delta, best_loss, best_correct, first_grad = jax.lax.fori_loop(
+        0, steps, body, (delta, best_delta, best_loss, best_correct, jnp.zeros_like(x)),
+        unroll=unroll)
+    first = (start_point, first_grad if steps else None)
     delta = project_box(x, delta)
     if not use_aux:
-      return delta, None, None
+      return delta, None, None, first
     _, aux = loss_fn.with_aux(x + delta)
     losses, correct = aux.losses.astype(jnp.float32), aux.correct
     if keep_best:
@@ -667,15 +693,16 @@ def pgd(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
       delta = jnp.where(expand(better), delta, project_box(x, best_delta))
       losses = jnp.where(better, losses, best_loss)
       correct = jnp.where(better, correct, best_correct)
-    return delta, losses, correct
+    return delta, losses, correct, first
 
   if restarts == 1:
-    return run_restart(jax.random.fold_in(key, 0))[0]
-
+    delta, _, _, (start_point, first_grad) = run_restart(jax.random.fold_in(key, 0))
+    return AttackOutput(delta, start_point, first_grad)
 
   def restart_body(r, carry):
-    best_delta, best_loss, best_fooled = carry
-    delta, losses, correct = run_restart(jax.random.fold_in(key, r))
+    best_delta, best_loss, best_fooled, first = carry
+    delta, losses, correct, first_r = run_restart(jax.random.fold_in(key, r))
+    first = jax.tree_util.tree_map(lambda a, b: jnp.where(r == 0, b, a), first, first_r)
     fooled = jnp.logical_not(correct)
     take = losses >= best_loss
     if select == "strict":
@@ -683,17 +710,19 @@ def pgd(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
     best_delta = jnp.where(expand(take), delta, best_delta)
     best_loss = jnp.where(take, losses, best_loss)
     best_fooled = jnp.where(take, fooled, best_fooled)
-    return best_delta, best_loss, best_fooled
+    return best_delta, best_loss, best_fooled, first
 
   init = (jnp.zeros(x.shape, jnp.float32),
           jnp.full((batch,), -jnp.inf, jnp.float32),
-          jnp.zeros((batch,), bool))
-  best_delta, _, _ = jax.lax.fori_loop(0, restarts, restart_body, init)
-  return best_delta
+          jnp.zeros((batch,), bool),
+          (jnp.zeros_like(x), jnp.zeros_like(x) if steps else None))
+  best_delta, _, _, (start_point, first_grad) = jax.lax.fori_loop(
+      0, restarts, restart_body, init)
+  return AttackOutput(best_delta, start_point, first_grad)
 
 
 def pgd_corner(loss_fn: LossClosure, x: Array, key: Array | None = None, *,
-               eps: Any, step: Any, steps: int, **pgd_kwargs) -> Array:
+               eps: Any, step: Any, steps: int, **pgd_kwargs) -> AttackOutput:
   """PGD projected onto the corners of the eps-ball (GradAlign paper, Sec. 3).
 
   The GradAlign code's `--attack pgd_corner`: delta_pgd = pgd(...), then
@@ -705,56 +734,135 @@ def pgd_corner(loss_fn: LossClosure, x: Array, key: Array | None = None, *,
     loss_fn, x, key, eps, step, steps: as for `pgd`.
     **pgd_kwargs: further `pgd` options (random_start, restarts, ...).
   Returns:
-    delta on the box-projected corners.
+    AttackOutput: delta on the box-projected corners; start and grad_at_start
+    those of the PGD run.
   """
-  delta = pgd(loss_fn, x, key, eps=eps, step=step, steps=steps, **pgd_kwargs)
+  out = pgd(loss_fn, x, key, eps=eps, step=step, steps=steps, **pgd_kwargs)
   x = _as_float32(x)
-  return project_box(x, eps * jnp.sign(delta))
+  return out.replace(delta=project_box(x, eps * jnp.sign(out.delta)))
 
 
 # ----------------------------------------------------------------------------
-# Registry.
+# Registry: one spec beside each attack.
 # ----------------------------------------------------------------------------
 
-ATTACKS: dict[str, Callable[..., Any]] = {
-    "none": no_attack,
-    "fgsm": fgsm,
-    "fgsm_rs": fgsm_rs,
-    "pgd": pgd,
-    "zerograd": zerograd,
-    "multigrad": multigrad,
-    "n_fgsm": n_fgsm,
-    "fgsm_n": fgsm_n,
-    "random_corner": random_corner,
-    "pgd_corner": pgd_corner,
-}
-"""Attacks with the signature `fn(loss_fn, x, key, *, eps, ...) -> delta`.
-
-AT for Free is not here: it carries delta across replays (`free_step`,
-`free_update`), which the train step handles.
-"""
+def _eps_radius(eps, step, kwargs):
+  del step, kwargs
+  return eps
 
 
-def get_attack(name: str) -> Callable[..., Any]:
+@dataclasses.dataclass(frozen=True)
+class CarriedPerturbation:
+  """How an attack carries its perturbation across train steps (AT for Free).
+
+  The train step keeps the perturbation in the train state (zeros of the
+  per-device batch shape at the start), trains on x + box(state), takes the
+  weight gradient and the input gradient from one forward/backward pass
+  (Shafahi et al. 2019, Alg. 1), and sets the state to
+  `update(x, delta, input_grad, eps=, step=)`. Each minibatch is used for
+  `replays_kwarg` consecutive train steps, all under one learning-rate schedule.
+  """
+  update: Callable[..., Array]
+  replays_kwarg: str = "replays"
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackSpec:
+  """An attack's registration: what the train step, configs and tests need.
+
+  Attributes:
+    fn: `fn(loss_fn, x, key, *, eps, ...) -> AttackOutput`.
+    default_step: the step used when none is given, as a multiple of ε; None
+      when the attack takes no step by default (a pure random corner, no
+      attack) or requires one (PGD).
+    radius: `radius(eps, step, kwargs) -> float`, the largest l_inf norm of
+      the perturbation for the resolved step and the call's other keyword
+      arguments.
+    traced: keyword arguments that may be traced values, carried in the train
+      state so that the catastrophic-overfitting monitor can change them
+      without a recompile.
+    gradient_at_clean: `gradient_at_clean(kwargs) -> bool`: whether
+      `grad_at_start` is the gradient at the clean x for these keyword
+      arguments (a regularizer that needs ∇ℓ(x) then reuses it).
+    carried: set for attacks whose perturbation is carried across train steps.
+  """
+  fn: Callable[..., AttackOutput]
+  default_step: Optional[float] = None
+  radius: Callable[[Any, Any, Mapping[str, Any]], Any] = _eps_radius
+  traced: tuple[str, ...] = ()
+  gradient_at_clean: Callable[[Mapping[str, Any]], bool] = lambda kwargs: False
+  carried: Optional[CarriedPerturbation] = None
+
+
+ATTACK_SPECS: dict[str, AttackSpec] = {}
+"""Every registered attack by name (see `register_attack`)."""
+
+ATTACKS: dict[str, Callable[..., AttackOutput]] = {}
+"""name -> attack function, a view of `ATTACK_SPECS`."""
+
+
+def register_attack(name: str, spec: AttackSpec) -> AttackSpec:
+  """Registers `spec` under `name` (configs and the train step find it there)."""
+  if name in ATTACK_SPECS:
+    raise ValueError(f"An attack named {name!r} is already registered.")
+  ATTACK_SPECS[name] = spec
+  ATTACKS[name] = spec.fn
+  return spec
+
+
+def _step_or_default(name: str, step: Any, eps: Any) -> Any:
+  return ATTACK_SPECS[name].default_step * eps if step is None else step
+
+
+def _noise_plus_step(noise_ratio: float):
+  def radius(eps, step, kwargs):
+    noise = kwargs.get("noise_mag")
+    return (noise_ratio * eps if noise is None else noise) + step
+  return radius
+
+
+# N-FGSM's default noise half-width, 2ε (de Jorge et al. 2022).
+_N_FGSM_NOISE = 2.0
+
+register_attack("none", AttackSpec(no_attack, radius=lambda eps, step, kw: 0.0 * eps,
+                                   gradient_at_clean=lambda kw: True))
+register_attack("fgsm", AttackSpec(fgsm, default_step=1.0,
+                                   gradient_at_clean=lambda kw: True))
+# α = 1.25ε: 10/255 at ε = 8/255 (Wong et al. 2020).
+register_attack("fgsm_rs", AttackSpec(fgsm_rs, default_step=1.25))
+register_attack("pgd", AttackSpec(
+    pgd, gradient_at_clean=lambda kw: (not kw.get("random_start", True)
+                                       and kw.get("delta_init") is None)))
+register_attack("zerograd", AttackSpec(zerograd, default_step=2.0, traced=("q",)))
+register_attack("multigrad", AttackSpec(multigrad, default_step=1.0))
+register_attack("n_fgsm", AttackSpec(n_fgsm, default_step=1.0,
+                                     radius=_noise_plus_step(_N_FGSM_NOISE)))
+register_attack("fgsm_n", AttackSpec(fgsm_n, default_step=1.0,
+                                     radius=_noise_plus_step(1.0)))
+register_attack("random_corner", AttackSpec(random_corner))
+register_attack("pgd_corner", AttackSpec(
+    pgd_corner, gradient_at_clean=ATTACK_SPECS["pgd"].gradient_at_clean))
+# AT for Free: step ε (Shafahi et al. 2019), m = 8 replays in the GradAlign runs.
+register_attack("free", AttackSpec(free_step, default_step=1.0,
+                                   carried=CarriedPerturbation(free_update)))
+
+
+def get_attack(name: str) -> Callable[..., AttackOutput]:
   """The attack registered under `name` (one of `ATTACKS`)."""
   _checks.check_choice("attack", name, ATTACKS)
   return ATTACKS[name]
 
 
-def perturbation_set_radius(name: str, eps: Any, *, step: Any = None,
-                            noise_mag: Any = None) -> Any:
+def perturbation_set_radius(name: str, eps: Any, *, step: Any = None, **kwargs) -> Any:
   """Largest l_inf norm the attack `name` can return at radius eps.
 
-  eps for the projected attacks; 0 for "none"; noise_mag + step for the
-  unprojected ones: 3 eps for "n_fgsm" and 2 eps for "fgsm_n" with their defaults.
-  For pgd with norm="l2" the l2 radius eps also bounds the l_inf norm.
+  From the attack's spec: eps for the projected attacks; 0 for "none";
+  noise_mag + step for the unprojected ones (3 eps for "n_fgsm" and 2 eps for
+  "fgsm_n" with their defaults). For pgd with norm="l2" the l2 radius eps also
+  bounds the l_inf norm.
   """
-  _checks.check_choice("attack", name, ATTACKS)
-  if name == "none":
-    return 0.0 * eps
-  if name == "n_fgsm":
-    return (2.0 * eps if noise_mag is None else noise_mag) + (
-        eps if step is None else step)
-  if name == "fgsm_n":
-    return (eps if noise_mag is None else noise_mag) + (eps if step is None else step)
-  return eps
+  _checks.check_choice("attack", name, ATTACK_SPECS)
+  spec = ATTACK_SPECS[name]
+  if step is None and spec.default_step is not None:
+    step = spec.default_step * eps
+  return spec.radius(eps, step, kwargs)

@@ -6,8 +6,10 @@ methods, models, optimizers and schedules are chosen by name. ε and steps are i
 /255 units in configs (``--config.eps=16``) and converted to pixel units once,
 by `eps_pixels`.
 
-`validate_config` runs before anything compiles and raises a ValueError naming
-the offending value and the allowed choices.
+`validate_config` runs before anything compiles or is written and raises a
+ValueError naming the offending value and the allowed choices; the method
+sections (eps, attack, regularizers, warmup) are validated by building the
+method object (`methods.build_method`).
 """
 
 from __future__ import annotations
@@ -20,12 +22,8 @@ from ml_collections import config_dict
 DATASETS = {"cifar10": 10, "cifar100": 100, "svhn_cropped": 10, "imagenet2012": 1000}
 OPTIMIZERS = ("sgd", "adam")
 DTYPES = ("float32", "bfloat16")
-ATTACK_BN_MODES = ("batch", "eval")
-# Attack keyword arguments carried as traced values in the train state, so that
-# the catastrophic-overfitting monitor can change them without a recompile.
-TRACED_ATTACK_KWARGS = ("q",)
-# GradAlign's λ as a function of ε (REFERENCE.md), by dataset name.
-LAMBDA_RULES = ("cifar10", "svhn")
+# The metrics the catastrophic-overfitting monitor reads from its evaluation.
+CO_MONITOR_METRICS = ("clean_acc", "fgsm_acc", "fgsm_point_acc", "pgd_acc", "grad_alignment")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -46,9 +44,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eps = 8.0              # L-inf radius in /255
   c.attack = ml_collections.ConfigDict(dict(
       name="fgsm",
-      step=config_dict.placeholder(float),  # in /255; None = the attack's default
-      step_eps_ratio=config_dict.placeholder(float),  # step = ratio * eps (follows --config.eps)
-      kwargs=ml_collections.ConfigDict(),
+      # The step: in /255, or as a multiple of eps (follows --config.eps); both
+      # None = the attack's default (attacks.ATTACK_SPECS).
+      step=config_dict.placeholder(float),
+      step_eps_ratio=config_dict.placeholder(float),
+      kwargs=ml_collections.ConfigDict(),  # the attack's other keyword arguments
       bn="batch",          # BatchNorm statistics during the attack: batch | eval
   ))
   # name -> ConfigDict(weight=λ, **hyperparameters of that regularizer)
@@ -64,27 +64,26 @@ def base_config() -> ml_collections.ConfigDict:
                                              rotation=0.0))
   # Linear ramp from 0 over the first epochs (SVHN): of eps (PGD) or of the step.
   c.warmup = ml_collections.ConfigDict(dict(epochs=0.0, target="eps"))
-  # AT for Free: each minibatch is replayed `replays` times; num_epochs counts
-  # replayed iterations (passes over the data = num_epochs / replays).
-  c.free = ml_collections.ConfigDict(dict(replays=1))
   # Stochastic weight averaging (AdvLC): average the weights at the end of every
   # epoch from `start_epoch` on; BatchNorm statistics are recomputed on
   # `bn_batches` training batches at the end; evaluated as the "swa" state.
   c.swa = ml_collections.ConfigDict(dict(enabled=False, start_epoch=0, bn_batches=100))
   c.seed = 0
   c.log_every_steps = 50
-  c.eval_every_steps = 0   # 0: once per epoch
   c.checkpoint_every_steps = 0  # 0: once per epoch
   c.keep_checkpoints = 3
-  c.eval = ml_collections.ConfigDict(dict(n=1000, batch_size=250, pgd_steps=10,
-                                          pgd_restarts=1))
+  # Evaluations during training, by name (big_vision style; see
+  # evaluate.validate_evals): each with its split, points, period and metrics.
+  c.evals = ml_collections.ConfigDict({"test": default_eval()})
+  # The best checkpoint (best/) is the state with the highest `metric` of the
+  # evaluation `eval`; with stop_on_drop, training stops once it falls more
+  # than `drop` below its best (Wong et al.'s early stopping).
+  c.best = ml_collections.ConfigDict(dict(eval="test", metric="pgd_acc",
+                                          stop_on_drop=False, drop=0.2))
   c.final_eval = ml_collections.ConfigDict(dict(
       enabled=True, n=1000, steps=50, restarts=10, rule="strict", batch_size=250))
-  c.early_stopping = ml_collections.ConfigDict(dict(
-      enabled=False, n_points=256, pgd_steps=10, every_steps=200, stop_on_drop=False,
-      drop=0.2))
   c.co_monitor = ml_collections.ConfigDict(dict(
-      enabled=True, pgd_drop=0.05, pgd_rel_drop=0.5, alignment_drop=0.1,
+      enabled=True, eval="test", pgd_drop=0.05, pgd_rel_drop=0.5, alignment_drop=0.1,
       fgsm_over_clean=0.05, rollback=False,
       max_rollbacks=2,
       # hparam name -> ConfigDict(op="add"|"mul"|"set", value=...), applied on rollback,
@@ -92,6 +91,15 @@ def base_config() -> ml_collections.ConfigDict:
       adjust=ml_collections.ConfigDict()))
   c.allow_config_change = False
   return c
+
+
+def default_eval(**overrides) -> ml_collections.ConfigDict:
+  """The per-epoch evaluation on the first 1,000 test points (clean, FGSM,
+  PGD-10 with α = ε/4 and one random start, gradient alignment, cos(FGSM, PGD))."""
+  from fastadv_jax import evaluate  # pylint: disable=g-import-not-at-top
+  settings = dict(evaluate.EVAL_DEFAULTS)
+  settings.update(overrides)
+  return ml_collections.ConfigDict(settings)
 
 
 def load_config_file(path: str, variant: str | None = None):
@@ -111,39 +119,19 @@ def load_config_file(path: str, variant: str | None = None):
   return module if variant is None else module.get_config(variant)
 
 
-def eps_pixels(config) -> float:
-  """ε in [0,1] pixel units."""
-  return float(config.eps) / 255.0
-
-
-def step_pixels(config) -> float | None:
-  """The attack step in pixel units, or None for the attack's own default."""
-  if config.attack.step is not None:
-    return float(config.attack.step) / 255.0
-  if config.attack.step_eps_ratio is not None:
-    return float(config.attack.step_eps_ratio) * eps_pixels(config)
-  return None
-
-
-def regularizer_weight(config, name: str) -> float:
-  """λ of regularizer `name`: its weight, or GradAlign's rule λ(ε) when lambda_rule is set."""
-  spec = config.regularizers[name]
-  if spec.get("lambda_rule"):
-    from fastadv_jax import regularizers  # pylint: disable=g-import-not-at-top
-    return float(regularizers.lambda_for_eps(spec.lambda_rule, eps_pixels(config)))
-  return float(spec.weight)
-
-
 def _choice(what: str, value: Any, choices) -> None:
-  choices = list(choices)
-  if value not in choices:
-    raise ValueError(f"Unknown {what} {value!r}; choose one of {sorted(choices)}.")
+  from fastadv_jax import methods  # pylint: disable=g-import-not-at-top
+  methods.check_name(what, value, choices)
 
 
-def validate_config(config, num_devices: int = 1) -> None:
-  """Raises a ValueError for an inconsistent config, before anything compiles."""
+def validate_config(config, num_devices: int = 1):
+  """Raises a ValueError for an inconsistent config, before anything compiles.
+
+  Returns:
+    The validated `methods.Method` of the config.
+  """
   # Imported here: these modules import jax and are heavy; configs stay light.
-  from fastadv_jax import attacks, models, regularizers, schedules  # pylint: disable=g-import-not-at-top
+  from fastadv_jax import evaluate, methods, models, schedules  # pylint: disable=g-import-not-at-top
 
   _choice("dataset", config.dataset, DATASETS)
   if config.num_classes != DATASETS[config.dataset]:
@@ -152,25 +140,7 @@ def validate_config(config, num_devices: int = 1) -> None:
   _choice("data.source", config.data.source, ("auto", "tfds", "local"))
   _choice("model.name", config.model.name, models.MODELS)
   _choice("dtype", config.dtype, DTYPES)
-  attack_names = list(attacks.ATTACKS) + ["free"]
-  _choice("attack.name", config.attack.name, attack_names)
-  _choice("attack.bn", config.attack.bn, ATTACK_BN_MODES)
-  if not 0 <= config.eps <= 255:
-    raise ValueError(f"eps={config.eps} must be in [0, 255] (it is given in /255).")
-  if config.attack.step is not None and config.attack.step < 0:
-    raise ValueError(f"attack.step={config.attack.step} must be >= 0 (in /255).")
-  if config.attack.step is not None and config.attack.step_eps_ratio is not None:
-    raise ValueError("Set attack.step or attack.step_eps_ratio, not both.")
-  if config.attack.step_eps_ratio is not None and config.attack.step_eps_ratio < 0:
-    raise ValueError(f"attack.step_eps_ratio={config.attack.step_eps_ratio} must be >= 0.")
-  for name, reg in config.regularizers.items():
-    _choice("regularizer", name, regularizers.REGULARIZERS)
-    if "weight" not in reg:
-      raise ValueError(f"regularizers.{name} needs a weight (λ).")
-    if reg.get("lambda_rule"):
-      _choice(f"regularizers.{name}.lambda_rule", reg.lambda_rule, LAMBDA_RULES)
-    elif reg.weight < 0:
-      raise ValueError(f"regularizers.{name}.weight={reg.weight} must be >= 0.")
+  method = methods.build_method(config)
   _choice("optimizer.name", config.optimizer.name, OPTIMIZERS)
   _choice("schedule.name", config.schedule.name, schedules.SCHEDULES)
   if config.schedule.lr_max < 0:
@@ -188,23 +158,34 @@ def validate_config(config, num_devices: int = 1) -> None:
       if b <= 0 or b % num_devices:
         raise ValueError(f"imagenet_phases.batch_sizes has {b}, not a positive multiple "
                          f"of the number of devices ({num_devices}).")
+    if method.attack.replays > 1:
+      raise ValueError("Replayed minibatches (AT for Free) are not supported with "
+                       "ImageNet's progressive resizing.")
   _choice("augment.pad_mode", config.augment.pad_mode, ("zero", "reflect"))
-  _choice("warmup.target", config.warmup.target, ("eps", "step"))
-  if config.free.replays < 1:
-    raise ValueError(f"free.replays={config.free.replays} must be >= 1.")
-  if config.free.replays > 1 and config.attack.name != "free":
-    raise ValueError("free.replays > 1 only makes sense with attack.name='free'.")
   _choice("final_eval.rule", config.final_eval.rule, ("strict", "max_loss"))
+  evaluate.validate_evals(
+      {k: dict(v) for k, v in config.evals.items()},
+      split_sizes={"test": evaluate.TEST_SET_SIZES.get(config.dataset)})
+  for what, section in (("best", config.best), ("co_monitor", config.co_monitor)):
+    if what == "co_monitor" and not section.enabled:
+      continue
+    _choice(f"{what}.eval", section.eval, config.evals)
+  best_metrics = config.evals[config.best.eval].metrics
+  _choice("best.metric", config.best.metric, best_metrics)
+  if config.co_monitor.enabled:
+    missing = [m for m in ("clean_acc", "fgsm_acc", "pgd_acc")
+               if m not in config.evals[config.co_monitor.eval].metrics]
+    if missing:
+      raise ValueError(f"co_monitor.eval={config.co_monitor.eval!r} does not compute "
+                       f"{missing}; add them to evals.{config.co_monitor.eval}.metrics "
+                       f"or disable the monitor (co_monitor.enabled=False).")
+  known = method.hparam_names
   for key, adj in config.co_monitor.adjust.items():
     _choice("co_monitor.adjust op", adj.op, ("add", "mul", "set"))
-    known = traced_hparam_names(config)
-    if key not in known:
-      raise ValueError(f"co_monitor.adjust names {key!r}, not a tunable setting of "
-                       f"this config; choose one of {sorted(known)}.")
+    _choice("co_monitor.adjust setting", key, known)
+  return method
 
 
-def traced_hparam_names(config) -> list[str]:
-  """Settings carried as traced values in the train state (changeable without recompiling)."""
-  names = [f"reg/{n}" for n in config.regularizers]
-  names += [f"attack/{k}" for k in config.attack.kwargs if k in TRACED_ATTACK_KWARGS]
-  return names
+def eps_pixels(config) -> float:
+  """ε in [0,1] pixel units (configs give it in /255): the one conversion."""
+  return float(config.eps) / 255.0

@@ -1,40 +1,63 @@
-"""Robust evaluation: clean, PGD-k-r and AutoAttack accuracy, and results records.
+"""Robust evaluation: one engine for clean, FGSM, PGD-k-r accuracy, gradient
+alignment and cos(δ_FGSM, δ_PGD); AutoAttack; named evaluations; records.
 
 Any model is evaluated through a `logits_fn(x) -> logits` closure, in float32 with
-BatchNorm in eval mode (`closures.logits_fn(model, variables, bn="eval")` or
-`model_logits_fn` below). The protocol follows the papers this library reimplements
-(REFERENCE.md, "Evaluation protocol"): PGD-50-10 with step ε/4, CE loss, random
-starts, and a named restart rule; AutoAttack "standard" (Croce & Hein 2020); clean
-accuracy on the full test set and robust accuracy on `n` points chosen at random
-with a recorded seed or as the first `n`.
+BatchNorm in eval mode: `closures.eval_logits_fn(model, variables)`. The protocol
+follows the papers this library reimplements (REFERENCE.md, "Evaluation
+protocol"): PGD-50-10 with step ε/4, CE loss, random starts, and a named restart
+rule; AutoAttack "standard" (Croce & Hein 2020); clean accuracy on the full test
+set and robust accuracy on `n` points chosen at random with a recorded seed or as
+the first `n`.
+
+One definition of every quantity, computed per example (`robustness_metrics`;
+`clean_accuracy`, `pgd_accuracy` and `evaluate` are built on the same code):
+
+* clean_acc: argmax f(x) = y.
+* fgsm_acc: correct at x *and* at x + δ_FGSM (one step of size ε from x).
+* pgd_acc: correct at x *and* at x + δ_PGD (PGD-k-r, step ε/4 by default, random
+  start, restart rule "strict" or "max_loss"). Robust accuracy counts an example
+  robust only when it is classified correctly both at x and at x + δ (x lies in
+  the ε-ball, so a misclassified clean point is not robust); hence robust
+  accuracy <= clean accuracy, everywhere in this library.
+* grad_alignment: GradAlign Eq. 5, cos(∇ₓℓ(x), ∇ₓℓ(x + η)), η ~ U[-ε, ε]^d, CE
+  loss, x + η clipped to [0, 1]; averaged over the examples where both gradients
+  are nonzero (`grad_alignment_n` of them).
+* cos_fgsm_pgd: cos(δ_FGSM, δ_PGD) per example (GradAlign Fig. 2), 0 where a
+  perturbation is zero, averaged over all examples.
 
 How the batching works, and why:
 
-* PGD runs **per example** (`jax.vmap` over single examples), with the
+* Everything runs **per example** (`jax.vmap` over single examples), with the
   example's random key `fold_in(key, example_id)` where `example_id` is its index
-  in the test set. The result of an example therefore depends only on the model,
-  the key and that index: not on the batch size, the padding, the number of
-  devices or which other points were selected. This requires a `logits_fn` that
-  treats examples independently (BatchNorm in eval mode), which evaluation needs
-  anyway. Only correctly classified points are attacked.
-* Batches have one fixed shape: the points are split into the fewest batches
-  of at most `batch_size`, all of one size, the last one padded (with copies of
-  a real example whose results are dropped), so an evaluation compiles once and
-  pads less than one example per batch. With several devices the batch is a
+  in the test set (split once: one key for PGD, one for η). The result of an
+  example therefore depends only on the model, the key and that index: not on
+  the batch size, the padding, the number of devices or which other points were
+  selected. This requires a `logits_fn` that treats examples independently
+  (BatchNorm in eval mode), which evaluation needs anyway. When only accuracies
+  are asked for, only the correctly classified points are attacked (the others
+  are not robust); the cosine metrics attack every point.
+* Batches have one fixed shape (`_run_batched`, the one padding implementation
+  of this engine): the points are split into the fewest batches of at most
+  `batch_size`, all of one size, the last one padded (with copies of a real
+  example whose results are dropped), so an evaluation compiles once and pads
+  less than one example per batch. With several devices the batch is a
   multiple of the device count, split across `jax.local_devices()` by `jax.pmap`.
+  ε and the PGD step are traced float32 scalars (another ε reuses the compiled
+  program); the metrics and the PGD settings are static.
+* The closure is passed to the compiled function as an argument: a `LogitsFn`
+  (a pytree) contributes its weights as device buffers, and the compiled
+  function is cached by its module, so another checkpoint of the same
+  architecture reuses it. A user's plain Python callable works too: it is
+  wrapped in `jax.tree_util.Partial` (`closures.as_pytree`), its captured arrays
+  become constants of the executable and nothing is cached across calls.
 * AutoAttack is delegated to `fastadv_jax.autoattack.autoattack`, whose Python
   driver gathers the still-robust points into padded chunks of `batch_size`
   between attacks (one device; results depend on the chunking, not only on
   the key).
-* A `logits_fn` that is a pytree (e.g. `jax.tree_util.Partial(apply, variables)`,
-  as `model_logits_fn` returns) is passed to the compiled function as an argument,
-  so its weights are device buffers rather than constants baked into the
-  executable, and the compiled function is reused across calls. A plain Python
-  closure works too; its captured arrays become constants of the executable.
 
-Robust accuracy counts an example robust only when it is classified correctly
-both at x and at x + δ (x lies in the ε-ball, so a misclassified clean point is
-not robust); hence robust accuracy <= clean accuracy.
+Named evaluations (big_vision style): a config holds `evals`, a dict from a name
+to settings (`EVAL_DEFAULTS` lists the keys); `validate_evals` checks them before
+anything runs, `resolve_evals` fills in the defaults and `run_named_eval` runs one.
 
 Records (`evaluate`, `save_record`) are JSON, in the spirit of RobustBench's
 model records: dataset, threat model, ε, clean and robust accuracy, n, selection,
@@ -48,11 +71,15 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import math
+import numbers
 import os
+import re
 import tempfile
 import time
 import warnings
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +97,9 @@ SELECTIONS = ("random", "first")
 CHECKPOINTS = ("best", "last", "swa")
 AUTOATTACK_VERSIONS = ("standard",)
 RECORD_SCHEMA = "fastadv_jax.eval_record/1"
+METRICS = ("clean_acc", "fgsm_acc", "pgd_acc", "grad_alignment", "cos_fgsm_pgd")
+# Metrics defined on every point (not only the clean-correct ones).
+_ALL_POINT_METRICS = ("grad_alignment", "cos_fgsm_pgd")
 
 # Test-set sizes of the datasets the configs know, so that `n` can be checked
 # before any data is read.
@@ -90,74 +120,7 @@ class Accuracy(NamedTuple):
 
 
 # ----------------------------------------------------------------------------
-# Closures.
-
-
-def _apply_eval(model: Any, variables: Any, x: Array) -> Array:
-  return model.apply(variables, x, train=False).astype(jnp.float32)
-
-
-def model_logits_fn(model: Any, variables: Any) -> Callable[[Array], Array]:
-  """Eval-mode float32 `logits_fn` whose variables are pytree leaves.
-
-  Equivalent to `closures.logits_fn(model, variables, bn="eval")`, but returned
-  as a `jax.tree_util.Partial`, so the evaluation functions pass the variables
-  to the compiled function as arguments instead of baking them in as constants,
-  and reuse the compiled function for another checkpoint of the same model.
-
-  Args:
-    model: a Linen module with `__call__(x, train)`; a module with a `dtype`
-      attribute is cloned with float32 (evaluation is always float32).
-    variables: its variables; floating leaves are cast to float32.
-  Returns:
-    `logits_fn(x) -> float32 logits`, BatchNorm in eval mode.
-  """
-  if getattr(model, "dtype", jnp.float32) != jnp.float32:
-    model = model.clone(dtype=jnp.float32)
-  variables = jax.tree_util.tree_map(
-      lambda v: jnp.asarray(v, jnp.float32)
-      if jnp.issubdtype(jnp.asarray(v).dtype, jnp.floating) else jnp.asarray(v),
-      variables)
-  return jax.tree_util.Partial(_CallModel(model), variables)
-
-
-class _CallModel:
-  """Hashable by the model (Linen modules are frozen dataclasses), so two
-  `model_logits_fn`s of the same architecture share one compiled evaluation."""
-
-  def __init__(self, model):
-    self.model = model
-
-  def __call__(self, variables, x):
-    return _apply_eval(self.model, variables, x)
-
-  def __eq__(self, other):
-    if not isinstance(other, _CallModel):
-      return False
-    try:
-      return bool(other.model == self.model)
-    except Exception:  # pylint: disable=broad-except
-      return other.model is self.model
-
-  def __hash__(self):
-    try:
-      return hash(("fastadv_jax.evaluate._CallModel", self.model))
-    except TypeError:  # a module with unhashable attributes: by identity
-      return id(self.model)
-
-
-def _as_pytree(logits_fn) -> tuple[Any, bool]:
-  """(logits_fn as a pytree, whether its compiled functions may be cached)."""
-  leaves = jax.tree_util.tree_leaves(logits_fn)
-  if len(leaves) == 1 and leaves[0] is logits_fn:
-    # An opaque closure: wrapped with no array leaves. Its compiled functions
-    # are not cached at module level, which would keep its arrays alive.
-    return jax.tree_util.Partial(logits_fn), False
-  return logits_fn, True
-
-
-# ----------------------------------------------------------------------------
-# Per-batch computations (traced once per evaluation setting and shape).
+# The per-example computation (traced once per setting and batch shape).
 
 
 def _to_float_images(x: Array) -> Array:
@@ -166,57 +129,62 @@ def _to_float_images(x: Array) -> Array:
   return x.astype(jnp.float32)
 
 
-def _clean_batch(logits_fn, x, y, keys, dynamic):
-  del keys, dynamic
-  return jnp.argmax(logits_fn(x), axis=-1) == y
-
-
-def _pgd_example(logits_fn, x, y, key, dynamic, *, steps, restarts, loss, rule,
-                 early_stop):
-  """Robustness of one example (x: HWC) to PGD-`steps`-`restarts`.
+def _example_values(logits_fn, x, y, key, dynamic, *, metrics, pgd_steps, pgd_restarts,
+                    rule, loss, early_stop):
+  """The requested `metrics` of one example x (HWC), as a dict of scalars.
 
   `dynamic` holds eps and step as traced scalars: another radius reuses the
-  compiled function.
+  compiled function. The attacks and metrics run on a batch of one.
   """
+  # pylint: disable=g-import-not-at-top
+  from fastadv_jax import attacks
+  from fastadv_jax import metrics as metrics_lib
+  # pylint: enable=g-import-not-at-top
   eps, step = dynamic["eps"], dynamic["step"]
-  from fastadv_jax import attacks  # pylint: disable=g-import-not-at-top
   xb, yb = x[None], y[None]
-  loss_fn = closures.loss_fn(loss, logits_fn, yb)
-  delta = attacks.pgd(loss_fn, xb, key, eps=eps, step=step, steps=steps,
-                      restarts=restarts, random_start=True, early_stop=early_stop,
-                      select=rule)
-  clean_ok = jnp.argmax(logits_fn(xb), axis=-1) == yb
-  adv_ok = jnp.argmax(logits_fn(xb + delta), axis=-1) == yb
-  return (clean_ok & adv_ok)[0]
+  key_pgd, key_eta = jax.random.split(key)
+  ce = closures.cross_entropy(logits_fn, yb)
+
+  def correct(point):
+    return (jnp.argmax(logits_fn(point), axis=-1) == yb)[0]
+
+  clean_ok = correct(xb)
+  out = {}
+  if "clean_acc" in metrics:
+    out["clean_acc"] = clean_ok
+  if "fgsm_acc" in metrics or "cos_fgsm_pgd" in metrics:
+    delta_fgsm = attacks.fgsm(ce, xb, eps=eps).delta
+    if "fgsm_acc" in metrics:
+      out["fgsm_acc"] = clean_ok & correct(xb + delta_fgsm)
+  if "pgd_acc" in metrics or "cos_fgsm_pgd" in metrics:
+    pgd_loss = closures.loss_fn(loss, logits_fn, yb)
+    delta_pgd = attacks.pgd(pgd_loss, xb, key_pgd, eps=eps, step=step, steps=pgd_steps,
+                            restarts=pgd_restarts, random_start=True,
+                            early_stop=early_stop, select=rule).delta
+    if "pgd_acc" in metrics:
+      out["pgd_acc"] = clean_ok & correct(xb + delta_pgd)
+  if "grad_alignment" in metrics:
+    cos, valid = metrics_lib.gradient_alignment(ce, xb, key_eta, eps=eps, reduce="none",
+                                                return_valid=True)
+    out["grad_alignment"] = cos[0]
+    out["grad_alignment_valid"] = valid[0]
+  if "cos_fgsm_pgd" in metrics:
+    out["cos_fgsm_pgd"] = metrics_lib.perturbation_cosine(delta_fgsm, delta_pgd)[0]
+  return out
 
 
-def _per_example(example_fn):
-  def batch_fn(logits_fn, x, y, keys, dynamic):
-    return jax.vmap(example_fn, in_axes=(None, 0, 0, 0, None))(
-        logits_fn, x, y, keys, dynamic)
-  return batch_fn
-
-
-def _batch_fn(kind: str, settings: tuple) -> Callable:
-  settings = dict(settings)
-  if kind == "clean":
-    return _clean_batch
-  if kind == "pgd":
-    return _per_example(functools.partial(_pgd_example, **settings))
-  raise ValueError(f"Unknown evaluation kind {kind!r}.")
-
-
-def _build_executor(kind: str, settings: tuple, num_devices: int) -> Callable:
-  """`f(logits_fn, x, y, ids, key, dynamic) -> (B,) bool`, jit-ted or pmap-ped.
+def _build_executor(settings: tuple, num_devices: int):
+  """`f(logits_fn, x, y, ids, key, dynamic) -> dict of (B,)`, jit-ted or pmap-ped.
 
   `settings` are static (they change the program); `dynamic` is a dict of
   float32 scalars (eps, step) passed as arguments.
   """
-  batch_fn = _batch_fn(kind, settings)
+  example_fn = functools.partial(_example_values, **dict(settings))
 
   def run(logits_fn, x, y, ids, key, dynamic):
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
-    return batch_fn(logits_fn, _to_float_images(x), y, keys, dynamic)
+    return jax.vmap(example_fn, in_axes=(None, 0, 0, 0, None))(
+        logits_fn, _to_float_images(x), y, keys, dynamic)
 
   if num_devices == 1:
     return jax.jit(run)
@@ -227,15 +195,37 @@ def _build_executor(kind: str, settings: tuple, num_devices: int) -> Callable:
 _cached_executor = functools.lru_cache(maxsize=32)(_build_executor)
 
 
+def _settings(metrics: Sequence[str], *, pgd_steps=None, pgd_restarts=None, rule=None,
+              loss="ce", early_stop=False) -> tuple:
+  """The static settings of one computation, canonical (so equal settings
+  share one compiled program; PGD settings only where PGD runs)."""
+  metrics = tuple(m for m in METRICS if m in metrics)
+  if not any(m in metrics for m in ("pgd_acc", "cos_fgsm_pgd")):
+    pgd_steps = pgd_restarts = rule = loss = early_stop = None
+  else:
+    pgd_steps, pgd_restarts = int(pgd_steps), int(pgd_restarts)
+    early_stop = bool(early_stop)
+  return (("metrics", metrics), ("pgd_steps", pgd_steps),
+          ("pgd_restarts", pgd_restarts), ("rule", rule), ("loss", loss),
+          ("early_stop", early_stop))
+
+
 def _round_up(value: int, multiple: int) -> int:
   return -(-value // multiple) * multiple
 
 
-def _run_batched(kind: str, settings: tuple, logits_fn, images, labels, key, *,
+def _run_batched(settings: tuple, logits_fn, images, labels, key, *,
                  dynamic: dict | None = None, batch_size: int,
                  num_devices: int | None, example_ids, progress: bool,
-                 desc: str) -> np.ndarray:
-  """Applies the `kind` computation to all examples in fixed-shape batches."""
+                 desc: str, shape_count: int | None = None) -> dict[str, np.ndarray]:
+  """Applies `_example_values` to all examples in fixed-shape batches.
+
+  The batch shape is chosen for `shape_count` examples (default: all of
+  them), so a subset of a set of points (e.g. its clean-correct points) is
+  run with the set's batch shape and reuses its compiled program.
+
+  Returns a dict of (N,) NumPy arrays, one per computed value.
+  """
   num = len(images)
   if num_devices is None:
     num_devices = jax.local_device_count()
@@ -252,11 +242,14 @@ def _run_batched(kind: str, settings: tuple, logits_fn, images, labels, key, *,
   # One batch shape per evaluation: as many batches as `batch_size` needs, of
   # equal size (so padding stays below one example per batch and device), a
   # multiple of the device count.
-  num_batches = -(-num // batch_size)
-  batch = _round_up(-(-num // num_batches), num_devices)
-  tree, cacheable = _as_pytree(logits_fn)
-  make = _cached_executor if cacheable else _build_executor
-  executor = make(kind, settings, num_devices)
+  count = max(num, shape_count or 0)
+  num_batches = -(-count // batch_size)
+  batch = _round_up(-(-count // num_batches), num_devices)
+  tree = closures.as_pytree(logits_fn)
+  # A wrapped plain callable is static for jit (hashed by identity): its
+  # executor is not cached at module level, which would keep its arrays alive.
+  make = _cached_executor if tree is logits_fn else _build_executor
+  executor = make(settings, num_devices)
 
   images = np.asarray(images)
   labels = np.asarray(labels, dtype=np.int32)
@@ -270,7 +263,7 @@ def _run_batched(kind: str, settings: tuple, logits_fn, images, labels, key, *,
       chunk = chunk.reshape((num_devices, batch // num_devices) + chunk.shape[1:])
     return chunk
 
-  results = np.zeros((num,), dtype=bool)
+  results: dict[str, np.ndarray] = {}
   bar = None
   if progress:
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
@@ -280,7 +273,11 @@ def _run_batched(kind: str, settings: tuple, logits_fn, images, labels, key, *,
   def collect(item):
     start, out = item
     count = min(batch, num - start)
-    results[start:start + count] = np.asarray(out).reshape(-1)[:count]
+    for name, value in out.items():
+      value = np.asarray(value).reshape(-1)
+      if name not in results:
+        results[name] = np.zeros((num,), dtype=value.dtype)
+      results[name][start:start + count] = value[:count]
     if bar is not None:
       bar.update(count)
 
@@ -297,6 +294,50 @@ def _run_batched(kind: str, settings: tuple, logits_fn, images, labels, key, *,
     if bar is not None:
       bar.close()
   return results
+
+
+def _per_example_metrics(logits_fn, images, labels, key, *, metrics, eps, step,
+                         pgd_steps=None, pgd_restarts=None, rule=None, loss="ce",
+                         early_stop=False, batch_size, num_devices, example_ids,
+                         clean_correct=None, progress=False,
+                         desc="eval") -> dict[str, np.ndarray]:
+  """The engine: (N,) per-example values of `metrics` (arguments checked).
+
+  Accuracies under attack are computed only for the clean-correct points (the
+  others are 0) unless a metric defined on every point is requested; per-example
+  keys make both ways give identical results. The clean-correct subset runs in
+  batches of the shape chosen for all N points, so its compiled program does
+  not change with the number of correct points (from one epoch to the next).
+  """
+  num = len(images)
+  example_ids = np.arange(num) if example_ids is None else np.asarray(example_ids)
+  _checks.check_same_batch("images", images, "example_ids", example_ids)
+  pgd = dict(pgd_steps=pgd_steps, pgd_restarts=pgd_restarts, rule=rule, loss=loss,
+             early_stop=early_stop)
+  dynamic = {"eps": eps, "step": step}
+  common = dict(batch_size=batch_size, num_devices=num_devices, progress=progress)
+  attack_metrics = tuple(m for m in metrics if m != "clean_acc")
+  if any(m in _ALL_POINT_METRICS for m in metrics) or not attack_metrics:
+    return _run_batched(_settings(metrics, **pgd), logits_fn, images, labels, key,
+                        dynamic=dynamic, example_ids=example_ids, desc=desc, **common)
+  if clean_correct is None:
+    clean_correct = _run_batched(
+        _settings(("clean_acc",)), logits_fn, images, labels, key, dynamic=dynamic,
+        example_ids=example_ids, desc="clean", **common)["clean_acc"]
+  clean_correct = np.asarray(clean_correct, bool)
+  _checks.check_same_batch("images", images, "clean_correct", clean_correct)
+  values = {m: np.zeros((num,), bool) for m in attack_metrics}
+  if "clean_acc" in metrics:
+    values["clean_acc"] = clean_correct
+  attacked = np.flatnonzero(clean_correct)
+  if attacked.size:
+    out = _run_batched(
+        _settings(attack_metrics, **pgd), logits_fn, np.asarray(images)[attacked],
+        np.asarray(labels)[attacked], key, dynamic=dynamic,
+        example_ids=example_ids[attacked], desc=desc, shape_count=num, **common)
+    for m in attack_metrics:
+      values[m][attacked] = out[m]
+  return values
 
 
 # ----------------------------------------------------------------------------
@@ -324,8 +365,18 @@ def _check_eps(eps) -> None:
 
 
 def _check_count(what: str, value: Any) -> None:
-  if not isinstance(value, (int, np.integer)) or value < 1:
+  if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+      or value < 1):
     raise ValueError(f"{what} must be a positive integer, got {value!r}.")
+
+
+def _check_metrics(metrics) -> tuple:
+  if isinstance(metrics, str) or not isinstance(metrics, Sequence) or not metrics:
+    raise ValueError(f"metrics must be a non-empty list of names from "
+                     f"{list(METRICS)}, got {metrics!r}.")
+  for m in metrics:
+    _checks.check_choice("metric", m, METRICS)
+  return tuple(m for m in METRICS if m in metrics)
 
 
 def clean_accuracy(logits_fn, images, labels, batch_size: int = 500, *,
@@ -334,7 +385,9 @@ def clean_accuracy(logits_fn, images, labels, batch_size: int = 500, *,
   """Clean (unattacked) accuracy.
 
   Args:
-    logits_fn: `x -> logits`, float32, BatchNorm in eval mode.
+    logits_fn: `x -> logits`, float32, BatchNorm in eval mode (e.g.
+      `closures.eval_logits_fn(model, variables)`; a plain callable works too,
+      see the module docstring).
     images: (N, H, W, C) uint8 in [0, 255] or float in [0, 1].
     labels: (N,) integer labels.
     batch_size: examples per compiled call (padded; see the module docstring).
@@ -344,9 +397,10 @@ def clean_accuracy(logits_fn, images, labels, batch_size: int = 500, *,
     `Accuracy(correct, accuracy)`.
   """
   _check_common(images, labels, batch_size)
-  correct = _run_batched("clean", (), logits_fn, images, labels, jax.random.key(0),
-                         batch_size=batch_size, num_devices=num_devices,
-                         example_ids=None, progress=progress, desc="clean")
+  correct = _per_example_metrics(
+      logits_fn, images, labels, jax.random.key(0), metrics=("clean_acc",), eps=0.0,
+      step=0.0, batch_size=batch_size, num_devices=num_devices, example_ids=None,
+      progress=progress, desc="clean")["clean_acc"]
   return Accuracy(correct, float(np.mean(correct)))
 
 
@@ -360,7 +414,8 @@ def pgd_accuracy(logits_fn, images, labels, key, *, eps: float, steps: int = 50,
   """Robust accuracy under PGD-`steps`-`restarts` (L∞, random starts).
 
   The evaluation of Wong et al. 2020 and Andriushchenko & Flammarion 2020
-  (PGD-50-10, α = ε/4, CE loss), run with `fastadv_jax.attacks.pgd`.
+  (PGD-50-10, α = ε/4, CE loss), run with `fastadv_jax.attacks.pgd`; the same
+  per-example computation as `robustness_metrics(..., metrics=("pgd_acc",))`.
 
   Args:
     logits_fn: `x -> logits`, float32, BatchNorm in eval mode; must treat
@@ -368,7 +423,7 @@ def pgd_accuracy(logits_fn, images, labels, key, *, eps: float, steps: int = 50,
     images: (N, H, W, C) uint8 in [0, 255] or float in [0, 1].
     labels: (N,) integer labels.
     key: a `jax.random` key or an int seed; example i uses
-      `fold_in(key, example_ids[i])`.
+      `fold_in(key, example_ids[i])` (split into a PGD and an η key).
     eps: L∞ radius in [0, 1] pixel units (> 0).
     steps: PGD steps per restart.
     restarts: random restarts.
@@ -397,27 +452,84 @@ def pgd_accuracy(logits_fn, images, labels, key, *, eps: float, steps: int = 50,
   _checks.check_choice("restart rule", rule, RESTART_RULES)
   step = eps / 4 if step is None else step
   _checks.check_positive("step", step)
-  num = len(images)
-  example_ids = np.arange(num) if example_ids is None else np.asarray(example_ids)
-  _checks.check_same_batch("images", images, "example_ids", example_ids)
-  if clean_correct is None:
-    clean_correct = clean_accuracy(logits_fn, images, labels, batch_size=batch_size,
-                                   num_devices=num_devices).correct
-  _checks.check_same_batch("images", images, "clean_correct", clean_correct)
-  # Only correctly classified points are attacked (the others are not robust);
-  # per-example keys make this identical to attacking every point.
-  attacked = np.flatnonzero(np.asarray(clean_correct, bool))
-  correct = np.zeros((num,), bool)
-  if attacked.size:
-    settings = (("steps", int(steps)), ("restarts", int(restarts)), ("loss", loss),
-                ("rule", rule), ("early_stop", bool(early_stop)))
-    correct[attacked] = _run_batched(
-        "pgd", settings, logits_fn, np.asarray(images)[attacked],
-        np.asarray(labels)[attacked], key, dynamic={"eps": eps, "step": step},
-        batch_size=batch_size, num_devices=num_devices,
-        example_ids=example_ids[attacked], progress=progress,
-        desc=f"PGD-{steps}-{restarts}")
+  correct = _per_example_metrics(
+      logits_fn, images, labels, key, metrics=("pgd_acc",), eps=eps, step=step,
+      pgd_steps=steps, pgd_restarts=restarts, rule=rule, loss=loss,
+      early_stop=early_stop, batch_size=batch_size, num_devices=num_devices,
+      example_ids=example_ids, clean_correct=clean_correct, progress=progress,
+      desc=f"PGD-{steps}-{restarts}")["pgd_acc"]
   return Accuracy(correct, float(np.mean(correct)))
+
+
+def robustness_metrics(logits_fn, images, labels, key, *, eps: float,
+                       metrics: Sequence[str] = METRICS, pgd_steps: int = 10,
+                       pgd_restarts: int = 1, pgd_step: float | None = None,
+                       rule: str = "strict", batch_size: int = 250,
+                       example_ids: Sequence[int] | None = None,
+                       num_devices: int | None = None, progress: bool = False
+                       ) -> dict[str, float]:
+  """Clean / FGSM / PGD accuracy, gradient alignment and cos(δ_FGSM, δ_PGD).
+
+  The one evaluation the training loop uses (per-epoch monitoring, early
+  stopping, best-checkpoint selection, final evaluation). Definitions, per
+  example (see the module docstring): clean_acc; fgsm_acc and pgd_acc count an
+  example when it is correct at x *and* at x + δ (FGSM: one step of size ε from
+  x, Goodfellow et al. 2015; PGD: Madry et al. 2018, random start, step
+  `pgd_step`, `pgd_restarts` restarts selected by `rule`); grad_alignment is
+  GradAlign Eq. 5 (Andriushchenko & Flammarion 2020), cos(∇ₓℓ(x), ∇ₓℓ(x + η))
+  with η ~ U[-ε, ε]^d drawn from the example's key, CE loss; cos_fgsm_pgd is
+  cos(δ_FGSM, δ_PGD) (GradAlign Fig. 2). Only the requested metrics are
+  computed. Example i uses the key `fold_in(key, example_ids[i])`, so the
+  results do not depend on the batch size, the padding or the device count.
+
+  Args:
+    logits_fn: `x -> logits`, float32, BatchNorm in eval mode (e.g.
+      `closures.eval_logits_fn(model, variables)`); must treat examples
+      independently. A plain Python callable works (not cached across calls).
+    images: (N, H, W, C) uint8 in [0, 255] or float in [0, 1].
+    labels: (N,) integer labels.
+    key: a `jax.random` key or an int seed.
+    eps: L∞ radius in [0, 1] pixel units (> 0); a traced argument of the
+      compiled evaluation (changing it does not recompile).
+    metrics: names from `METRICS`.
+    pgd_steps, pgd_restarts: PGD-k-r.
+    pgd_step: PGD step size α; None: ε/4.
+    rule: PGD restart selection, "strict" or "max_loss" (see `pgd_accuracy`).
+    batch_size: examples per compiled call (the last batch is padded).
+    example_ids: the examples' indices in their split (default 0..N-1); they
+      select the per-example random keys.
+    num_devices: devices to split each batch across (None: all local devices).
+    progress: show a tqdm progress bar.
+  Returns:
+    A dict of Python floats: each requested metric's mean over the N examples
+    (grad_alignment: over the examples where both gradients are nonzero, nan
+    if there is none, with their count in "grad_alignment_n"), and "n" = N.
+  """
+  _check_common(images, labels, batch_size)
+  _check_eps(eps)
+  metrics = _check_metrics(metrics)
+  _check_count("pgd_steps", pgd_steps)
+  _check_count("pgd_restarts", pgd_restarts)
+  _checks.check_choice("restart rule", rule, RESTART_RULES)
+  pgd_step = eps / 4 if pgd_step is None else pgd_step
+  _checks.check_positive("pgd_step", pgd_step)
+  values = _per_example_metrics(
+      logits_fn, images, labels, key, metrics=metrics, eps=eps, step=pgd_step,
+      pgd_steps=pgd_steps, pgd_restarts=pgd_restarts, rule=rule,
+      batch_size=batch_size, num_devices=num_devices, example_ids=example_ids,
+      progress=progress, desc="eval")
+  result = {}
+  for m in metrics:
+    if m == "grad_alignment":
+      valid = values["grad_alignment_valid"]
+      count = int(np.sum(valid))
+      result[m] = (float(np.sum(values[m][valid], dtype=np.float64) / count)
+                   if count else float("nan"))
+      result["grad_alignment_n"] = count
+    else:
+      result[m] = float(np.mean(values[m], dtype=np.float64))
+  result["n"] = len(images)
+  return result
 
 
 def _run_autoattack(logits_fn, images, labels, key, *, eps, version, batch_size,
@@ -435,17 +547,9 @@ def _run_autoattack(logits_fn, images, labels, key, *, eps, version, batch_size,
   images = np.asarray(images)
   x = (images.astype(np.float32) / 255.0 if images.dtype == np.uint8
        else images.astype(np.float32))
-  if isinstance(logits_fn, jax.tree_util.Partial) or not _as_pytree(logits_fn)[1]:
-    fn = logits_fn
-  else:  # another pytree closure: its leaves still become arguments
-    fn = jax.tree_util.Partial(_call_pytree, logits_fn)
-  return autoattack.autoattack(fn, x, np.asarray(labels, np.int32), key, eps=eps,
+  return autoattack.autoattack(logits_fn, x, np.asarray(labels, np.int32), key, eps=eps,
                                version=version, batch_size=batch_size,
                                verbose=progress, **attack_kwargs)
-
-
-def _call_pytree(logits_fn, x):
-  return logits_fn(x)
 
 
 def autoattack_accuracy(logits_fn, images, labels, key, *, eps: float,
@@ -462,9 +566,10 @@ def autoattack_accuracy(logits_fn, images, labels, key, *, eps: float,
   reproducible for the same key, points and batch size).
 
   Args:
-    logits_fn: `x -> logits`, float32, BatchNorm in eval mode (a
-      `jax.tree_util.Partial`, e.g. from `model_logits_fn`, avoids baking the
-      weights into the compiled attacks).
+    logits_fn: `x -> logits`, float32, BatchNorm in eval mode, e.g.
+      `closures.eval_logits_fn(model, variables)` (a pytree: the weights are
+      arguments of the compiled attacks, not constants baked into them); a
+      plain callable works too (wrapped with `jax.tree_util.Partial`).
     images: (N, H, W, C) uint8 in [0, 255] or float in [0, 1].
     labels: (N,) integer labels.
     key: a `jax.random` key or an int seed.
@@ -483,6 +588,191 @@ def autoattack_accuracy(logits_fn, images, labels, key, *, eps: float,
                            progress=progress, attack_kwargs=attack_kwargs)
   robust = np.asarray(result.robust, bool)
   return Accuracy(robust, float(np.mean(robust)))
+
+
+# ----------------------------------------------------------------------------
+# Named evaluations (config.evals).
+
+EVAL_SPLITS = ("train", "test", "validation")
+EVAL_DEFAULTS = {
+    "split": "test",          # which split the points come from
+    "n": 1000,                # number of points (<= the split's size)
+    "selection": "first",     # "first" n, or n "random" ones (seeded by `seed`)
+    "seed": 0,                # the random selection's seed
+    "every_epochs": 1,        # run every this many epochs (0: not by epochs)
+    "every_steps": 0,         # or every this many steps (0: not by steps)
+    "at_end": False,          # also run once after training
+    "batch_size": 250,        # examples per compiled call (global, all devices)
+    "metrics": list(METRICS),  # names from METRICS
+    "pgd_steps": 10,
+    "pgd_restarts": 1,
+    "pgd_step_fraction": 0.25,  # PGD step α as a fraction of ε (ε/4)
+    "rule": "strict",         # PGD restart selection: strict | max_loss
+}
+"""The settings of one named evaluation and their defaults (serializable values).
+
+A config holds `evals = {name: {key: value, ...}}`; keys left out take these
+defaults. The attacks use the run's ε; example i of the split uses the key
+`fold_in(key, i)`, so an evaluation's value at a given key does not depend on
+which other points are selected, the batch size or the device count.
+"""
+
+_EVAL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
+def _entry_items(entry) -> dict:
+  if hasattr(entry, "to_dict"):  # ml_collections.ConfigDict
+    entry = entry.to_dict()
+  if not isinstance(entry, Mapping):
+    raise ValueError(f"must be a dict of settings, got {type(entry).__name__}")
+  return dict(entry)
+
+
+def validate_evals(evals: Mapping[str, Mapping], *,
+                   split_sizes: Mapping[str, int] | None = None) -> None:
+  """Checks named evaluation settings (`config.evals`) before anything runs.
+
+  Rules, for each entry (keys left out take `EVAL_DEFAULTS`):
+
+  * the name is a non-empty identifier (letters, digits, "_", "-"; it prefixes
+    logged metrics, e.g. "test/pgd_acc"); the entry is a dict or ConfigDict;
+  * every key is one of `EVAL_DEFAULTS`;
+  * split: one of `EVAL_SPLITS` or of the keys of `split_sizes`;
+  * n: an integer >= 1, and <= the split's size when `split_sizes` knows it;
+  * selection: "first" or "random"; seed: an integer >= 0;
+  * every_epochs, every_steps: integers >= 0, not both > 0 (one schedule per
+    evaluation), and the evaluation must run at some point: every_epochs > 0,
+    every_steps > 0 or at_end=True; at_end: a bool;
+  * batch_size, pgd_steps, pgd_restarts: integers >= 1;
+  * metrics: a non-empty list of distinct names from `METRICS`;
+  * pgd_step_fraction: a finite number > 0; rule: "strict" or "max_loss".
+
+  Args:
+    evals: name -> settings.
+    split_sizes: optional split name -> number of examples, or None where
+      unknown (e.g. {"test": 10000, "train": 50000}); its keys are accepted as
+      splits besides `EVAL_SPLITS`.
+  Raises:
+    ValueError: naming the evaluation, the key, the value and the choices.
+  """
+  if hasattr(evals, "to_dict"):
+    evals = evals.to_dict()
+  if not isinstance(evals, Mapping):
+    raise ValueError(f"evals must be a dict from names to settings, got "
+                     f"{type(evals).__name__}.")
+  splits = EVAL_SPLITS + tuple(s for s in (split_sizes or {}) if s not in EVAL_SPLITS)
+  for name, entry in evals.items():
+    if not isinstance(name, str) or not _EVAL_NAME.match(name):
+      raise ValueError(f"evals: name {name!r} must be a non-empty identifier "
+                       f"(letters, digits, '_' or '-', not starting with a digit).")
+    where = f"evals[{name!r}]"
+    try:
+      entry = _entry_items(entry)
+    except ValueError as e:
+      raise ValueError(f"{where} {e}.") from None
+    for key in entry:
+      if key not in EVAL_DEFAULTS:
+        raise ValueError(f"{where}: unknown key {key!r}; choose from "
+                         f"{sorted(EVAL_DEFAULTS)}.")
+    s = dict(EVAL_DEFAULTS, **entry)
+
+    def fail(key, must):
+      raise ValueError(f"{where}.{key}={s[key]!r}: {must}.")
+
+    def integer(key, minimum):
+      value = s[key]
+      if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+          or value < minimum):
+        fail(key, f"must be an integer >= {minimum}")
+
+    def choice(key, choices):
+      if not isinstance(s[key], str) or s[key] not in choices:
+        fail(key, f"choose one of {list(choices)}")
+
+    choice("split", splits)
+    integer("n", 1)
+    size = None if split_sizes is None else split_sizes.get(s["split"])
+    if size is not None and s["n"] > size:
+      fail("n", f"larger than the {s['split']!r} split ({size} examples)")
+    choice("selection", SELECTIONS)
+    integer("seed", 0)
+    integer("every_epochs", 0)
+    integer("every_steps", 0)
+    if not isinstance(s["at_end"], bool):
+      fail("at_end", "must be True or False")
+    if s["every_epochs"] > 0 and s["every_steps"] > 0:
+      raise ValueError(
+          f"{where}: every_epochs={s['every_epochs']!r} and every_steps="
+          f"{s['every_steps']!r} are both set; give one schedule (set the other to 0).")
+    if s["every_epochs"] == 0 and s["every_steps"] == 0 and not s["at_end"]:
+      raise ValueError(
+          f"{where}: every_epochs=0, every_steps=0 and at_end=False: the evaluation "
+          f"would never run; set one of them.")
+    integer("batch_size", 1)
+    integer("pgd_steps", 1)
+    integer("pgd_restarts", 1)
+    metrics = s["metrics"]
+    if isinstance(metrics, str) or not isinstance(metrics, Sequence) or not metrics:
+      fail("metrics", f"must be a non-empty list of names from {list(METRICS)}")
+    for m in metrics:
+      if m not in METRICS:
+        raise ValueError(f"{where}.metrics: unknown metric {m!r}; choose from "
+                         f"{list(METRICS)}.")
+    if len(set(metrics)) != len(metrics):
+      fail("metrics", "lists a metric twice")
+    fraction = s["pgd_step_fraction"]
+    if (isinstance(fraction, bool) or not isinstance(fraction, numbers.Real)
+        or not math.isfinite(fraction) or fraction <= 0):
+      fail("pgd_step_fraction", "must be a finite number > 0 (the PGD step is "
+           "pgd_step_fraction * eps)")
+    choice("rule", RESTART_RULES)
+
+
+def resolve_evals(evals: Mapping[str, Mapping], *,
+                  split_sizes: Mapping[str, int] | None = None) -> dict[str, dict]:
+  """`validate_evals`, then each entry completed with `EVAL_DEFAULTS`.
+
+  Returns:
+    name -> a plain dict holding every key of `EVAL_DEFAULTS` (metrics as a list).
+  """
+  validate_evals(evals, split_sizes=split_sizes)
+  if hasattr(evals, "to_dict"):
+    evals = evals.to_dict()
+  resolved = {}
+  for name, entry in evals.items():
+    settings = dict(EVAL_DEFAULTS, **_entry_items(entry))
+    settings["metrics"] = list(settings["metrics"])
+    resolved[name] = settings
+  return resolved
+
+
+def run_named_eval(settings: Mapping, logits_fn, images, labels, key, *, eps: float,
+                   num_devices: int | None = None, progress: bool = False
+                   ) -> dict[str, float]:
+  """Runs one named evaluation (an entry of `resolve_evals`) on a split.
+
+  Selects `n` points of the split (`select_indices(len(images), n, selection,
+  seed)`) and returns `robustness_metrics` on them, with each point's index in
+  the split as its example id.
+
+  Args:
+    settings: one evaluation's settings; missing keys take `EVAL_DEFAULTS`.
+    logits_fn: the evaluation closure (`closures.eval_logits_fn`).
+    images, labels: the whole split named by `settings["split"]`.
+    key: a `jax.random` key or an int seed (e.g. folded with the step).
+    eps: L∞ radius in [0, 1] pixel units (the run's ε).
+    num_devices: devices (None: all local devices).
+    progress: tqdm progress bar.
+  Returns:
+    The dict of `robustness_metrics`.
+  """
+  s = resolve_evals({"eval": settings})["eval"]
+  indices = select_indices(len(images), s["n"], s["selection"], s["seed"])
+  return robustness_metrics(
+      logits_fn, np.asarray(images)[indices], np.asarray(labels)[indices], key, eps=eps,
+      metrics=s["metrics"], pgd_steps=s["pgd_steps"], pgd_restarts=s["pgd_restarts"],
+      pgd_step=s["pgd_step_fraction"] * eps, rule=s["rule"], batch_size=s["batch_size"],
+      example_ids=indices, num_devices=num_devices, progress=progress)
 
 
 # ----------------------------------------------------------------------------
@@ -538,7 +828,8 @@ def evaluate(logits_fn, test_images, test_labels, seed: int = 0, *,
   """Clean accuracy on the full test set, robust accuracy on `n` points, a record.
 
   Args:
-    logits_fn: `x -> logits`, float32, BatchNorm in eval mode.
+    logits_fn: `x -> logits`, float32, BatchNorm in eval mode
+      (`closures.eval_logits_fn(model, variables)`; a plain callable works too).
     test_images: (N, H, W, C) uint8 or float in [0, 1], the full test set.
     test_labels: (N,) integer labels.
     seed: selects the `n` points ("random") and the attack's key
@@ -634,7 +925,8 @@ def evaluate(logits_fn, test_images, test_labels, seed: int = 0, *,
           "first n" if selection == "first" else
           "sorted(numpy.random.default_rng(seed).permutation(n_clean)[:n])"),
       "seed": int(seed),
-      "attack_key": "fold_in(jax.random.key(seed), test-set index of the point)",
+      "attack_key": ("jax.random.split(fold_in(jax.random.key(seed), test-set index "
+                     "of the point))[0]"),
       "robust_definition": "correct at x and at x + delta",
       "attack": attack_settings,
       "bn_mode": "eval",
@@ -796,7 +1088,7 @@ def evaluate_workdir(workdir: str, *, checkpoint: str = "best", attack: str = "p
   if n > len(images):
     raise ValueError(f"n={n} is larger than the test set ({len(images)} examples).")
 
-  logits_fn = model_logits_fn(model, variables)
+  logits_fn = closures.eval_logits_fn(model, variables)
   metadata = {"workdir": os.path.abspath(workdir), "checkpoint": checkpoint,
               "model": _config_get(config, "model.name"),
               "model_kwargs": _config_get(config, "model.kwargs"),

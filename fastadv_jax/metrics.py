@@ -63,33 +63,47 @@ def _per_example_losses(loss_fn: LossClosure, x: Array) -> Array:
 # GradAlign paper
 # ---------------------------------------------------------------------------
 
-def gradient_alignment(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
-                       clip_to_box: bool = True, grad_x: Optional[Array] = None,
-                       reduce: str = "mean") -> Array:
+def gradient_alignment(loss_fn: LossClosure, x: Array, key: Optional[Array] = None, *,
+                       eps: Any, clip_to_box: bool = True, grad_x: Optional[Array] = None,
+                       reduce: str = "mean", eta: Optional[Array] = None,
+                       return_valid: bool = False):
   """Gradient alignment E cos(∇ₓℓ(x), ∇ₓℓ(x + η)), η ~ U[-ε, ε]^d (GradAlign Eq. 5).
 
   Args:
     loss_fn: batch-mean loss closure (use eval-mode BatchNorm for monitoring
       a trained model, batch mode to see what the regularizer sees).
     x: clean images.
-    key: PRNG key for η.
+    key: PRNG key for η (`jax.random.uniform(key, x.shape, float32, -eps, eps)`);
+      may be None when `eta` is given.
     eps: L∞ radius (pixel units).
     clip_to_box: clip x + η to [0, 1], as the authors' monitor does.
     grad_x: ∇ₓℓ(x) if already known.
     reduce: "mean" (over all examples; an example with a zero gradient counts
       as cosine 0, like torch's `cosine_similarity`) or "none" for (B,).
+    eta: the draw η itself (same shape as x), instead of drawing it from `key`.
+    return_valid: also return the (B,) bool mask of the examples where both
+      gradients are nonzero (the others have cosine 0); a caller can then
+      average over the valid examples only.
   Returns:
-    Scalar mean cosine, or per-example cosines.
+    Scalar mean cosine, or per-example cosines; with `return_valid`, the pair
+    (cosines, valid).
   """
   _checks.check_eps(eps)
+  if eta is None:
+    if key is None:
+      raise ValueError("gradient_alignment draws eta and needs a jax.random key "
+                       "(or the draw itself as eta=); got key=None.")
+    eta = jax.random.uniform(key, x.shape, jnp.float32, -eps, eps)
+  else:
+    _checks.check_same_shape("eta", eta, "x", x)
   g1 = jax.grad(loss_fn)(x) if grad_x is None else grad_x
-  eta = jax.random.uniform(key, x.shape, jnp.float32, -eps, eps)
-  x_noisy = x + eta.astype(x.dtype)
+  x_noisy = x + jnp.asarray(eta).astype(x.dtype)
   if clip_to_box:
     x_noisy = jnp.clip(x_noisy, 0.0, 1.0)
   g2 = jax.grad(loss_fn)(x_noisy)
-  cos, _ = per_example_cosine(g1, g2)
-  return _reduce(cos, reduce)
+  cos, valid = per_example_cosine(g1, g2)
+  cos = _reduce(cos, reduce)
+  return (cos, valid) if return_valid else cos
 
 
 def perturbation_cosine(delta_a: Array, delta_b: Array, *, reduce: str = "none") -> Array:

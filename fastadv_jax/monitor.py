@@ -22,7 +22,10 @@ class CatastrophicOverfittingMonitor:
   """Detects the collapse from successive evaluation records.
 
   A record is a dict with at least "pgd_acc" and "fgsm_acc" (fractions) and
-  optionally "grad_alignment" and "cos_fgsm_pgd". Catastrophic overfitting is
+  optionally "fgsm_point_acc", "grad_alignment" and "cos_fgsm_pgd". "FGSM
+  accuracy" below is the accuracy at the FGSM point, "fgsm_point_acc", when the
+  record has it (robust accuracy, "fgsm_acc", also requires the clean point to
+  be correct, so it can never exceed clean accuracy), else "fgsm_acc". Catastrophic overfitting is
   declared at a record when
 
   * PGD accuracy fell by more than `pgd_drop` below its best so far and to
@@ -61,6 +64,7 @@ class CatastrophicOverfittingMonitor:
 
   def update(self, step: int, record: dict[str, float]) -> dict[str, Any] | None:
     """Feeds one evaluation record; returns an event dict when CO is detected."""
+    fgsm = _fgsm_key(record)
     aligned_key = next((k for k in ("grad_alignment", "cos_fgsm_pgd") if k in record), None)
     if aligned_key is not None:
       value = record[aligned_key]
@@ -74,7 +78,7 @@ class CatastrophicOverfittingMonitor:
     best = self.best
     collapsed = (record["pgd_acc"] < best["pgd_acc"] - self.pgd_drop and
                  record["pgd_acc"] < (1.0 - self.pgd_rel_drop) * best["pgd_acc"])
-    fgsm_rising = record["fgsm_acc"] > best["fgsm_acc"]
+    fgsm_rising = record[fgsm] > best[_fgsm_key(best)]
     alignment_fell = (aligned_key is None or aligned_key not in best or
                       record[aligned_key] < best[aligned_key] - self.alignment_drop)
     detected = (collapsed and fgsm_rising and alignment_fell) or self._leaking(
@@ -86,9 +90,9 @@ class CatastrophicOverfittingMonitor:
       return None
     self.collapsed = True
     event = {
-        "step": int(step), "pgd_acc": record["pgd_acc"], "fgsm_acc": record["fgsm_acc"],
+        "step": int(step), "pgd_acc": record["pgd_acc"], "fgsm_acc": record[fgsm],
         "best_step": best["step"], "best_pgd_acc": best["pgd_acc"],
-        "best_fgsm_acc": best["fgsm_acc"],
+        "best_fgsm_acc": best[_fgsm_key(best)],
         "trigger": "pgd_collapse" if collapsed and fgsm_rising and alignment_fell
                    else "fgsm_above_clean"}
     if "clean_acc" in record:
@@ -105,7 +109,7 @@ class CatastrophicOverfittingMonitor:
     """FGSM accuracy above clean accuracy while alignment fell from its maximum."""
     if "clean_acc" not in record or aligned_key is None:
       return False
-    return (record["fgsm_acc"] > record["clean_acc"] + self.fgsm_over_clean and
+    return (record[_fgsm_key(record)] > record["clean_acc"] + self.fgsm_over_clean and
             record[aligned_key] < self.max_alignment - self.alignment_drop)
 
   def state_dict(self) -> dict[str, Any]:
@@ -123,17 +127,23 @@ class CatastrophicOverfittingMonitor:
                collapsed=d.get("collapsed", False))
 
 
-def replay(records, **kwargs) -> list[dict[str, Any]]:
+def _fgsm_key(record) -> str:
+  return "fgsm_point_acc" if "fgsm_point_acc" in record else "fgsm_acc"
+
+
+def replay(records, *, eval_name: str = "test", **kwargs) -> list[dict[str, Any]]:
   """Runs the monitor over logged evaluation records (a run's metrics.jsonl lines).
 
-  Records are the dicts `train_and_evaluate` writes, with "eval/pgd_acc" etc.;
+  Records are the dicts `train_and_evaluate` writes, with "<eval_name>/pgd_acc"
+  etc. (runs before named evaluations wrote "eval/pgd_acc", read when present);
   returns the events the monitor (with `kwargs`) would have reported.
   """
   monitor = CatastrophicOverfittingMonitor(**kwargs)
   for r in records:
-    if "eval/pgd_acc" in r:
-      monitor.update(r["step"], {k[len("eval/"):]: v for k, v in r.items()
-                                 if k.startswith("eval/")})
+    prefix = next((p for p in (eval_name, "eval") if f"{p}/pgd_acc" in r), None)
+    if prefix is not None:
+      monitor.update(r["step"], {k[len(prefix) + 1:]: v for k, v in r.items()
+                                 if k.startswith(prefix + "/")})
   return monitor.events
 
 

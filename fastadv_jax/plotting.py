@@ -28,15 +28,19 @@ def plot_training_curves(workdir: str, out: str | None = None) -> str:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   records = read_metrics(workdir)
-  evals = [r for r in records if "eval/pgd_acc" in r]
+  # The catastrophic-overfitting monitor's evaluation ("test" by default; runs
+  # before named evaluations logged "eval/...").
+  name = _monitored_eval(workdir, records)
+  evals = [r for r in records if f"{name}/pgd_acc" in r]
   trains = [r for r in records if "train/loss" in r]
   events = [r for r in records if r.get("co/detected")]
   fig, axes = plt.subplots(1, 3, figsize=(15, 4))
   ax = axes[0]
-  for key, label in (("eval/clean_acc", "clean"), ("eval/fgsm_acc", "FGSM"),
-                     ("eval/pgd_acc", "PGD")):
-    ax.plot([r["epoch"] for r in evals], [100 * r[key] for r in evals], marker="o",
-            label=label)
+  for key, label in (("clean_acc", "clean"), ("fgsm_point_acc", "at the FGSM point"),
+                     ("fgsm_acc", "FGSM (robust)"), ("pgd_acc", "PGD (robust)")):
+    if evals and f"{name}/{key}" in evals[0]:
+      ax.plot([r["epoch"] for r in evals], [100 * r[f"{name}/{key}"] for r in evals],
+              marker="o", label=label)
   ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy (evaluation subset)")
   ax.legend()
   ax = axes[1]
@@ -45,9 +49,11 @@ def plot_training_curves(workdir: str, out: str | None = None) -> str:
   ax.set(xlabel="epoch", ylabel="loss", title="Training loss")
   ax.legend()
   ax = axes[2]
-  for key, label in (("eval/grad_alignment", "gradient alignment"),
-                     ("eval/cos_fgsm_pgd", "cos(FGSM, PGD)")):
-    ax.plot([r["epoch"] for r in evals], [r[key] for r in evals], marker="o", label=label)
+  for key, label in (("grad_alignment", "gradient alignment"),
+                     ("cos_fgsm_pgd", "cos(FGSM, PGD)")):
+    if evals and f"{name}/{key}" in evals[0]:
+      ax.plot([r["epoch"] for r in evals], [r[f"{name}/{key}"] for r in evals],
+              marker="o", label=label)
   ax.set(xlabel="epoch", ylabel="cosine", title="Alignment", ylim=(-0.05, 1.05))
   ax.legend()
   step_to_epoch = {r["step"]: r["epoch"] for r in evals}
@@ -60,3 +66,17 @@ def plot_training_curves(workdir: str, out: str | None = None) -> str:
   fig.savefig(out, dpi=110)
   plt.close(fig)
   return out
+
+
+def _monitored_eval(workdir: str, records: list[dict]) -> str:
+  """The name of the evaluation the run's monitor read (config.co_monitor.eval)."""
+  name = "test"
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      name = json.load(f).get("co_monitor", {}).get("eval", name)
+  except (OSError, ValueError):
+    pass
+  if not any(f"{name}/pgd_acc" in r for r in records) and any(
+      "eval/pgd_acc" in r for r in records):
+    return "eval"
+  return name

@@ -1,514 +1,50 @@
-"""Adversarial training: the train state, the train step, and the loop.
+"""The training loop: `train_and_evaluate(config, workdir)`.
 
-Layout after flax `examples/imagenet`: small importable functions
-(`create_train_state`, `make_train_step`, `make_eval_step`, `train_and_evaluate`)
-that a notebook can call one by one, and a thin CLI around them (`cli.py`).
+Layout after flax `examples/imagenet`, one job per module:
 
-The train step is written per device with ``axis_name="batch"``: gradients and
-metrics are averaged with `lax.pmean`, BatchNorm statistics are per device (as
-on one GPU in the references) and averaged across devices before every
-evaluation and checkpoint. It composes one attack (by name, `attacks.ATTACKS`, or
-"free" for AT for Free) with zero or more regularizers (by name,
-`regularizers.REGULARIZERS`), each weighted by a traced λ so the
-catastrophic-overfitting monitor can change it without recompiling.
+* `train_state`: the state, the model, the optimizer, device placement;
+* `train_step`: the per-device step built from a `methods.Method`;
+* `train` (this module): the loop (restore, train, evaluate, checkpoint,
+  monitor) and the training data;
+* `restore`: restoring a trained state for evaluation.
 
-Randomness: one seed; the key of step t is `fold_in(PRNGKey(seed), t)`, then
-split for augmentation (per example, folded with the example's index in the
-epoch, so the augmentation does not depend on the device count), the attack and
-the regularizers (folded with the device index). A resumed run therefore
-continues exactly the same sequence.
+The config is validated and turned into a method once, before anything is
+written (`config_base.validate_config`). Evaluations during training are named
+in `config.evals` and run by the one evaluation engine
+(`evaluate.robustness_metrics`): robust accuracy everywhere means correct on
+the clean and on the adversarial input. `config.best` names the evaluation and
+metric that choose the best checkpoint (and stop early, with stop_on_drop);
+`config.co_monitor.eval` the one the catastrophic-overfitting monitor reads.
+
+Steps and epochs: an epoch is `steps_in_epoch` train steps. An attack with
+replays (AT for Free) uses each minibatch for `replays` consecutive steps, so
+a pass over the data spans `replays` epochs and the learning-rate schedule
+spans exactly the steps run.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Any
 
-import flax
-import flax.struct
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
-from fastadv_jax import attacks
 from fastadv_jax import checkpoints
 from fastadv_jax import closures
 from fastadv_jax import config_base
 from fastadv_jax import data as data_lib
-from fastadv_jax import metrics as metrics_lib
-from fastadv_jax import models
+from fastadv_jax import evaluate
 from fastadv_jax import monitor as monitor_lib
-from fastadv_jax import regularizers
-from fastadv_jax import schedules
-
-AXIS = "batch"
-
-
-class TrainState(flax.struct.PyTreeNode):
-  """Everything a step reads and writes. Checkpointed unreplicated."""
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  # Traced hyperparameters (regularizer weights, ZeroGrad q, ...), see
-  # config_base.traced_hparam_names: the monitor may change them.
-  hparams: dict[str, jax.Array]
-  # AT for Free: the perturbation carried across replays and minibatches
-  # (per device, shape of the per-device batch); a scalar placeholder otherwise.
-  free_delta: jax.Array
-  # Stochastic weight averaging (AdvLC's "+SWA" rows): {"params", "batch_stats",
-  # "count"} when config.swa.enabled, else {}.
-  swa: dict[str, Any]
-
-
-# --------------------------------------------------------------------------
-# Model, optimizer, state.
-
-
-def create_model(config, *, dtype: str | None = None):
-  """The model of `config`; `dtype` overrides the compute dtype (evaluation: float32)."""
-  dtype = jnp.dtype(dtype or config.dtype)
-  return models.get_model(config.model.name, num_classes=config.num_classes,
-                          dtype=dtype, **dict(config.model.kwargs))
-
-
-def total_steps(config, steps_per_epoch: int) -> int:
-  """Iterations of the whole run (AT for Free: replayed iterations count)."""
-  return int(config.num_epochs * steps_per_epoch)
-
-
-def create_learning_rate_fn(config, steps_per_epoch: int) -> optax.Schedule:
-  """The per-iteration learning-rate schedule named by `config.schedule`.
-
-  `schedule.lr_max` is passed as the schedule's peak / initial value, the run's
-  total number of steps and steps per epoch where the schedule takes them, and
-  keyword arguments given in epochs (`boundary_epochs`, `drop_epoch`) are
-  converted to steps.
-  """
-  kwargs = dict(config.schedule.kwargs)
-  fn = schedules.SCHEDULES[config.schedule.name]
-  accepted = inspect.signature(fn).parameters
-  iters_per_epoch = steps_per_epoch * config.free.replays
-  for name in ("lr_max", "init_value", "value", "peak_value"):
-    if name in accepted:
-      kwargs.setdefault(name, config.schedule.lr_max)
-      break
-  if "total_steps" in accepted:
-    kwargs.setdefault("total_steps", total_steps(config, steps_per_epoch))
-  if "steps_per_epoch" in accepted:
-    kwargs.setdefault("steps_per_epoch", iters_per_epoch)
-  if "phase_boundaries" in accepted and "imagenet_phases" in config:
-    # Per-phase steps per epoch belong to the config's own phases.
-    kwargs.setdefault("phase_boundaries",
-                      list(config.imagenet_phases.start_epochs) + [config.num_epochs])
-  if "boundary_epochs" in kwargs:
-    kwargs["boundaries"] = [int(e * iters_per_epoch) for e in kwargs.pop("boundary_epochs")]
-  if "drop_epoch" in kwargs:
-    kwargs["drop_step"] = int(kwargs.pop("drop_epoch") * iters_per_epoch)
-  return schedules.get_schedule(config.schedule.name, **kwargs)
-
-
-def _decay_mask(params, decay_bn: bool):
-  """Weight decay on every parameter, or on all but BatchNorm's scale and bias.
-
-  BatchNorm layers are recognised by their parameters ({scale, bias} without a
-  kernel), not by their names.
-  """
-  def mask(tree):
-    if isinstance(tree, dict):
-      is_bn = bool(tree) and set(tree) <= {"scale", "bias"}
-      return {k: (decay_bn or not is_bn) if not isinstance(v, dict) else mask(v)
-              for k, v in tree.items()}
-    return True
-  return mask(params)
-
-
-def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
-  """SGD (momentum, optional Nesterov) or Adam with *coupled* weight decay.
-
-  Coupled as in PyTorch's `weight_decay` argument: the decay is added to the
-  gradient before momentum / Adam's moments, which is what the references use.
-  """
-  lr_fn = create_learning_rate_fn(config, steps_per_epoch)
-  opt = config.optimizer
-  decay = optax.add_decayed_weights(
-      opt.weight_decay, mask=functools.partial(_decay_mask, decay_bn=opt.decay_bn))
-  if opt.name == "adam":
-    return optax.chain(decay, optax.scale_by_adam(), optax.scale_by_learning_rate(lr_fn))
-  if opt.cycle_momentum:
-    # Wong et al.'s OneCycle scheduler cycles momentum 0.9 -> 0.8 -> 0.9,
-    # inversely to the learning rate. optax.inject_hyperparams keeps it traced.
-    momentum_fn = schedules.cyclic_momentum(
-        total_steps=total_steps(config, steps_per_epoch),
-        **{k: v for k, v in dict(config.schedule.kwargs).items() if k == "peak_fraction"})
-    tx = optax.inject_hyperparams(optax.sgd)(
-        learning_rate=lr_fn, momentum=momentum_fn, nesterov=opt.nesterov)
-    return optax.chain(decay, tx)
-  return optax.chain(decay, optax.sgd(lr_fn, momentum=opt.momentum, nesterov=opt.nesterov))
-
-
-def initial_hparams(config) -> dict[str, jax.Array]:
-  hp = {f"reg/{n}": jnp.float32(config_base.regularizer_weight(config, n))
-        for n in config.regularizers}
-  for k in config.attack.kwargs:
-    if k in config_base.TRACED_ATTACK_KWARGS:
-      hp[f"attack/{k}"] = jnp.float32(config.attack.kwargs[k])
-  return hp
-
-
-def create_train_state(config, model, tx, key, image_shape, host_batch: int
-                       ) -> TrainState:
-  """Initial (unreplicated) state; AT for Free's perturbation has the host batch shape."""
-  variables = models.init_variables(model, key, image_shape)
-  params = variables["params"]
-  batch_stats = variables.get("batch_stats", {})
-  if config.attack.name == "free":
-    free_delta = jnp.zeros((host_batch,) + tuple(image_shape), jnp.float32)
-  else:
-    free_delta = jnp.zeros((), jnp.float32)
-  swa = {}
-  if config.swa.enabled:
-    swa = {"params": jax.tree_util.tree_map(jnp.copy, params),
-           "batch_stats": jax.tree_util.tree_map(jnp.copy, batch_stats),
-           "count": jnp.int32(0)}
-  return TrainState(step=jnp.int32(0), params=params, batch_stats=batch_stats,
-                    opt_state=tx.init(params), hparams=initial_hparams(config),
-                    free_delta=free_delta, swa=swa)
-
-
-# --------------------------------------------------------------------------
-# The train step.
-
-
-def _variables(params, batch_stats):
-  return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
-
-
-def _accepts(fn: Callable, name: str) -> bool:
-  try:
-    return name in inspect.signature(fn).parameters
-  except (TypeError, ValueError):
-    return False
-
-
-def _warmup_factor(config, step, steps_per_epoch: int):
-  """Linear ramp 0 -> 1 over `warmup.epochs` (SVHN); 1 without warm-up."""
-  if config.warmup.epochs <= 0:
-    return jnp.float32(1.0)
-  ramp_steps = config.warmup.epochs * steps_per_epoch * config.free.replays
-  return jnp.minimum(1.0, step.astype(jnp.float32) / ramp_steps)
-
-
-def augment_batch(config, images, indices, key):
-  """Per-example augmentation keyed by the example's index (device-count independent)."""
-  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
-  aug = functools.partial(data_lib.augment, padding=config.augment.padding,
-                          pad_mode=config.augment.pad_mode, flip=config.augment.flip,
-                          rotation_degrees=config.augment.rotation)
-  return jax.vmap(lambda im, k: aug(im[None], k)[0])(images, keys)
-
-
-# Each single-step attack's default step as a multiple of ε (REFERENCE.md), for
-# the SVHN warm-up of the step when the config leaves the step to the attack.
-_DEFAULT_STEP_RATIO = {"fgsm": 1.0, "fgsm_rs": 1.25, "zerograd": 2.0, "multigrad": 1.0,
-                       "n_fgsm": 1.0, "fgsm_n": 1.0, "random_corner": 1.0}
-
-
-def make_train_step(config, model, tx, steps_per_epoch: int) -> Callable:
-  """Returns `train_step(state, batch) -> (state, metrics)`, written per device.
-
-  `batch` holds "image" (uint8 or float, NHWC), "label" and "index" (the
-  example's position in the epoch, for augmentation keys). Run it under
-  `jax.pmap(..., axis_name="batch")`.
-  """
-  eps_full = config_base.eps_pixels(config)
-  attack_name = config.attack.name
-  is_free = attack_name == "free"
-  attack_fn = None if is_free else attacks.get_attack(attack_name)
-  static_attack_kwargs = {k: v for k, v in dict(config.attack.kwargs).items()
-                          if k not in config_base.TRACED_ATTACK_KWARGS}
-  traced_attack_kwargs = [k for k in config.attack.kwargs
-                          if k in config_base.TRACED_ATTACK_KWARGS]
-  step_pixels = config_base.step_pixels(config)
-  reg_specs = {n: {k: v for k, v in dict(r).items() if k not in ("weight", "lambda_rule")}
-               for n, r in config.regularizers.items()}
-  # GradAlign reuses the attack's gradient at its starting point; AdvLC may take
-  # its "clean" logits at the attack's noisy point (FGSM-N).
-  want_start_grad = bool(reg_specs) and attack_fn is not None and _accepts(
-      attack_fn, "return_grad")
-  want_noise = bool(reg_specs) and attack_fn is not None and _accepts(
-      attack_fn, "return_noise")
-  replays = config.free.replays
-  seed = config.seed
-
-  def train_step(state: TrainState, batch):
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
-    # Augmentation is keyed by the data step, so AT for Free's replays of one
-    # minibatch see the same augmented images.
-    data_step = state.step // replays
-    aug_key = jax.random.fold_in(jax.random.PRNGKey(seed + 1), data_step)
-    attack_key, reg_key = jax.random.split(
-        jax.random.fold_in(key, jax.lax.axis_index(AXIS)))
-    x = augment_batch(config, batch["image"], batch["index"], aug_key)
-    y = batch["label"]
-    hp = state.hparams
-    warm = _warmup_factor(config, state.step, steps_per_epoch)
-    eps = eps_full * warm if config.warmup.target == "eps" else jnp.float32(eps_full)
-
-    attack_variables = _variables(state.params, state.batch_stats)
-    grad_start, x_start = None, None
-    if is_free:
-      # The carried perturbation may come from another minibatch: box-project it.
-      delta = attacks.project_box(x, state.free_delta)
-    else:
-      attack_logits = closures.logits_fn(model, attack_variables, bn=config.attack.bn)
-      attack_loss = closures.cross_entropy(attack_logits, y)
-      kwargs = dict(static_attack_kwargs)
-      kwargs.update({k: hp[f"attack/{k}"] for k in traced_attack_kwargs})
-      step = step_pixels
-      if config.warmup.target == "step" and config.warmup.epochs > 0:
-        step = (step_pixels if step_pixels is not None
-                else _DEFAULT_STEP_RATIO[attack_name] * eps_full) * warm
-      if step is not None:
-        kwargs["step"] = step
-      if want_start_grad:
-        kwargs["return_grad"] = True
-      if want_noise:
-        kwargs["return_noise"] = True
-      out = attack_fn(attack_loss, x, attack_key, eps=eps, **kwargs)
-      # Extras come back in the order (delta, [grad], [eta]).
-      out = list(out) if (want_start_grad or want_noise) else [out]
-      delta = jax.lax.stop_gradient(out.pop(0))
-      if want_start_grad:
-        grad_start = jax.lax.stop_gradient(out.pop(0))
-      if want_noise:
-        x_start = jax.lax.stop_gradient(jnp.clip(x + out.pop(0), 0.0, 1.0))
-
-    def loss_fn(params, delta):
-      variables = _variables(params, state.batch_stats)
-      logits, mutated = model.apply(variables, x + delta, train=True,
-                                    mutable=["batch_stats"])
-      ce = jnp.mean(closures.cross_entropy_per_example(logits, y))
-      total = ce
-      reg_values = {}
-      if reg_specs:
-        reg_logits = closures.logits_fn(model, variables, bn="batch")
-        ctx = regularizers.RegularizerContext(
-            logits_fn=reg_logits, labels=y, x=x, delta=jax.lax.stop_gradient(delta),
-            key=reg_key, eps=jnp.float32(eps_full), grad_start=grad_start,
-            x_start=x_start, step=state.step, logits_adv=logits.astype(jnp.float32))
-        for name, spec in reg_specs.items():
-          value = regularizers.regularizer_value(name, ctx, **spec)
-          reg_values[name] = value
-          total = total + hp[f"reg/{name}"] * value
-      new_stats = mutated.get("batch_stats", state.batch_stats)
-      return total, (logits, new_stats, ce, reg_values)
-
-    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1) if is_free else 0, has_aux=True)
-    (total, (logits, new_stats, ce, reg_values)), grads = grad_fn(state.params, delta)
-    if is_free:
-      grads, grad_delta = grads
-      free_delta = attacks.free_update(x, delta, grad_delta, eps=eps, step=step_pixels)
-    else:
-      free_delta = state.free_delta
-    grads = jax.lax.pmean(grads, AXIS)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {
-        "train/loss": total,
-        "train/ce": ce,
-        "train/adv_acc": jnp.mean(jnp.argmax(logits, -1) == y),
-        "train/eps": eps * 255.0,
-    }
-    metrics.update({f"train/reg/{n}": v for n, v in reg_values.items()})
-    metrics = jax.lax.pmean(metrics, AXIS)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
-                              opt_state=opt_state, free_delta=free_delta)
-    return new_state, metrics
-
-  return train_step
-
-
-# --------------------------------------------------------------------------
-# Evaluation during training.
-
-
-def make_eval_step(config, model) -> Callable:
-  """Returns `eval_step(variables, batch, key) -> sums`, per device (pmap, psum).
-
-  On a fixed subset: clean, FGSM and PGD-k accuracy (α = ε/4, random start),
-  gradient alignment (GradAlign Eq. 5) and cos(δ_FGSM, δ_PGD), in float32 with
-  BatchNorm in eval mode; sums over the unmasked examples.
-  """
-  eps = config_base.eps_pixels(config)
-  pgd_steps = config.eval.pgd_steps
-  pgd_restarts = config.eval.pgd_restarts
-
-  def eval_step(variables, batch, key):
-    key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
-    k_pgd, k_align = jax.random.split(key)
-    x, y, mask = batch["image"], batch["label"], batch["mask"].astype(jnp.float32)
-    logits_fn = closures.logits_fn(model, variables, bn="eval")
-    loss_fn = closures.cross_entropy(logits_fn, y)
-
-    def correct(delta):
-      return (jnp.argmax(logits_fn(x + delta), -1) == y).astype(jnp.float32)
-
-    delta_fgsm, grad_x = attacks.fgsm(loss_fn, x, eps=eps, return_grad=True)
-    delta_pgd = attacks.pgd(loss_fn, x, k_pgd, eps=eps, step=eps / 4, steps=pgd_steps,
-                            restarts=pgd_restarts)
-    align = metrics_lib.gradient_alignment(loss_fn, x, k_align, eps=eps, grad_x=grad_x,
-                                           reduce="none")
-    cos = metrics_lib.perturbation_cosine(delta_fgsm, delta_pgd)
-    sums = {
-        "clean_acc": correct(jnp.zeros_like(x)),
-        "fgsm_acc": correct(delta_fgsm),
-        "pgd_acc": correct(delta_pgd),
-        "grad_alignment": align,
-        "cos_fgsm_pgd": cos,
-    }
-    sums = {k: jnp.sum(v * mask) for k, v in sums.items()}
-    sums["count"] = jnp.sum(mask)
-    return jax.lax.psum(sums, AXIS)
-
-  return eval_step
-
-
-def make_pgd_step(config, model, steps: int, restarts: int, rule: str) -> Callable:
-  """Per-device PGD-k-r accuracy on a padded batch (early stopping, final eval)."""
-  eps = config_base.eps_pixels(config)
-
-  def pgd_step(variables, batch, key):
-    key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
-    x, y, mask = batch["image"], batch["label"], batch["mask"].astype(jnp.float32)
-    logits_fn = closures.logits_fn(model, variables, bn="eval")
-    loss_fn = closures.cross_entropy(logits_fn, y)
-    clean = jnp.argmax(logits_fn(x), -1) == y
-    delta = attacks.pgd(loss_fn, x, key, eps=eps, step=eps / 4, steps=steps,
-                        restarts=restarts, select=rule)
-    robust = (jnp.argmax(logits_fn(x + delta), -1) == y) & clean
-    return jax.lax.psum({"clean_acc": jnp.sum(clean * mask),
-                         "pgd_acc": jnp.sum(robust * mask),
-                         "count": jnp.sum(mask)}, AXIS)
-
-  return pgd_step
-
-
-def _sharded_eval_batches(images, labels, batch_size: int, num_devices: int
-                          ) -> Iterator[dict]:
-  """Fixed-shape batches (padded, with a mask) reshaped to (devices, per-device, ...)."""
-  batch_size = max(num_devices, (batch_size // num_devices) * num_devices)
-  for x, y, mask in data_lib.eval_batches(images, labels, batch_size):
-    x = data_lib.to_float(x) if x.dtype == np.uint8 else x
-    yield jax.tree_util.tree_map(
-        lambda a: a.reshape((num_devices, -1) + a.shape[1:]),
-        {"image": np.asarray(x, np.float32), "label": y, "mask": mask})
-
-
-def run_eval(p_step, variables_replicated, images, labels, batch_size: int, key,
-             num_devices: int) -> dict[str, float]:
-  """Runs a psum-ing pmapped eval step over a dataset; returns means."""
-  totals: dict[str, float] = {}
-  for i, batch in enumerate(_sharded_eval_batches(images, labels, batch_size, num_devices)):
-    keys = jax.random.split(jax.random.fold_in(key, i), num_devices)
-    keys = jnp.broadcast_to(keys[0], keys.shape)  # same key; the step folds the device index
-    sums = jax.device_get(jax.tree_util.tree_map(lambda a: a[0], p_step(
-        variables_replicated, batch, keys)))
-    for k, v in sums.items():
-      totals[k] = totals.get(k, 0.0) + float(v)
-  count = totals.pop("count")
-  return {k: v / count for k, v in totals.items()} | {"n": int(count)}
-
-
-# --------------------------------------------------------------------------
-# Replication helpers.
-
-
-def _shard_leading_axis(tree, devices):
-  """Places arrays whose leading axis has one entry per device, one per device.
-
-  The mesh axis is named like pmap's (AXIS), so a state placed here has the very
-  sharding a pmapped step returns, and the step is not traced again for it.
-  """
-  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
-                                        jax.sharding.PartitionSpec(AXIS))
-  return jax.device_put(tree, sharding)
-
-
-def to_devices(state: TrainState, devices) -> TrainState:
-  """Replicates the state; AT for Free's perturbation is split across devices."""
-  n = len(devices)
-  free = np.asarray(state.free_delta)
-  stacked = jax.tree_util.tree_map(
-      lambda a: np.broadcast_to(np.asarray(a), (n,) + np.shape(a)),
-      state.replace(free_delta=np.zeros((), np.float32)))
-  if free.ndim:
-    stacked = stacked.replace(free_delta=free.reshape((n, -1) + free.shape[1:]))
-  return _shard_leading_axis(stacked, devices)
-
-
-def to_host(r_state: TrainState) -> TrainState:
-  """The unreplicated host copy of a replicated state (inverse of `to_devices`)."""
-  host = jax.device_get(r_state)
-  free = np.asarray(host.free_delta)
-  free = free.reshape((-1,) + free.shape[2:]) if free.ndim > 1 else free[0]
-  single = jax.tree_util.tree_map(lambda a: np.asarray(a[0]), host.replace(free_delta=free[None]))
-  return single.replace(free_delta=free)
-
-
-def unreplicate(tree):
-  return jax.tree_util.tree_map(lambda a: a[0], tree)
-
-
-def _state_dict(state: TrainState) -> dict:
-  return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
-          "opt_state": state.opt_state, "hparams": state.hparams,
-          "free_delta": state.free_delta, "swa": state.swa}
-
-
-def _swa_update(state: TrainState) -> TrainState:
-  """Adds the current weights to the equal-weight running average (Izmailov et al. 2018)."""
-  count = state.swa["count"]
-  params = jax.tree_util.tree_map(
-      lambda avg, p: avg + (p - avg) / (count + 1).astype(p.dtype), state.swa["params"],
-      state.params)
-  return state.replace(swa=dict(state.swa, params=params, count=count + 1))
-
-
-def recompute_batch_stats(model, params, batch_stats, batches) -> Any:
-  """BatchNorm running statistics of `params`, averaged equally over `batches`.
-
-  What `torch.optim.swa_utils.update_bn` does for an averaged model: the batch
-  statistics of each batch (recovered from Flax's momentum update) are averaged
-  with equal weights. `batches` yields float images in [0, 1].
-  """
-  momentum = 0.9  # fastadv_jax.models BatchNorm: PyTorch's 0.1
-  zeros = jax.tree_util.tree_map(jnp.zeros_like, batch_stats)
-
-  @jax.jit
-  def batch_statistics(x):
-    _, mutated = model.apply({"params": params, "batch_stats": zeros}, x, train=True,
-                             mutable=["batch_stats"])
-    return jax.tree_util.tree_map(lambda new: new / (1 - momentum), mutated["batch_stats"])
-
-  total, n = None, 0
-  for x in batches:
-    stats = batch_statistics(x)
-    total = stats if total is None else jax.tree_util.tree_map(jnp.add, total, stats)
-    n += 1
-  return jax.tree_util.tree_map(lambda t: t / n, total)
-
-
-def _sync_batch_stats(state: TrainState) -> TrainState:
-  """Averages per-device BatchNorm statistics (before evaluation and saving), under pmap."""
-  return state.replace(batch_stats=jax.lax.pmean(state.batch_stats, AXIS))
+from fastadv_jax import restore
+from fastadv_jax import train_state as state_lib
+from fastadv_jax import train_step as step_lib
+from fastadv_jax.train_state import AXIS
 
 
 # --------------------------------------------------------------------------
@@ -566,8 +102,7 @@ def _truncate_metrics_log(path: str, last_step: int) -> None:
 # Config identity for resuming.
 
 # Keys that may change between an interrupted run and its resumption.
-_RESUME_FREE_KEYS = ("allow_config_change", "log_every_steps", "final_eval",
-                     "eval.batch_size")
+_RESUME_FREE_KEYS = ("allow_config_change", "log_every_steps", "final_eval")
 
 
 def _comparable(config_dict: dict) -> dict:
@@ -677,15 +212,16 @@ def load_data(config):
   """(train data, (test images, test labels)): the training source and the evaluation set.
 
   In-memory datasets load whole; ImageNet streams its training set and decodes
-  the first `max(eval.n, final_eval.n)` validation images (288 px centre crops).
+  the first validation images the evaluations need (288 px centre crops).
   """
   if config.dataset == "imagenet2012":
     from fastadv_jax.data import imagenet  # pylint: disable=g-import-not-at-top
     train_data = ImageNetTrainData(config)
     val = imagenet.imagenet_source("validation", data_dir=config.data.data_dir or None)
-    n = min(len(val), max(config.eval.n, config.final_eval.n))
+    n = min(len(val), max([config.final_eval.n] + [
+        e.n for e in config.evals.values() if e.split == "test"]))
     xs, ys = [], []
-    for x, y, mask in imagenet.eval_batches(val, batch_size=config.eval.batch_size,
+    for x, y, mask in imagenet.eval_batches(val, batch_size=config.final_eval.batch_size,
                                             image_size=config.imagenet_phases.eval_size,
                                             num_examples=n):
       xs.append(x[mask])
@@ -716,6 +252,302 @@ def _apply_adjustments(hparams: dict, adjust: dict) -> dict:
   return hparams
 
 
+
+
+def make_augment(config):
+  """`augment(images, example_indices, key)`: per-example crop/flip keyed by the
+  example's index in the epoch (independent of the device count)."""
+  aug = functools.partial(data_lib.augment, padding=config.augment.padding,
+                          pad_mode=config.augment.pad_mode, flip=config.augment.flip,
+                          rotation_degrees=config.augment.rotation)
+
+  def augment(images, indices, key):
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
+    return jax.vmap(lambda im, k: aug(im[None], k)[0])(images, keys)
+
+  return augment
+
+
+class _Run:
+  """One training run in a workdir: its state, data, evaluations and records.
+
+  `train_and_evaluate` is the sequence restore -> (train steps -> events) ->
+  finish; the events at a step are, in order: logging, SWA, evaluations
+  (best checkpoint, early stopping, the catastrophic-overfitting monitor and
+  its rollback) and the checkpoint.
+  """
+
+  def __init__(self, config, method, workdir: str, progress: bool):
+    self.config, self.method = config, method
+    self.workdir, self.progress = workdir, progress
+    self.devices = jax.local_devices()
+    self.is_main = jax.process_index() == 0
+    self.train_data, self.test_data = load_data(config)
+    self.replays = self.method.attack.replays
+    # Step at which each epoch starts; also the first batch of each data epoch.
+    self.epoch_starts = np.concatenate([[0], np.cumsum(
+        [self.train_data.steps_in_epoch(e) for e in range(config.num_epochs)])])
+    self.num_steps = int(self.epoch_starts[-1])
+    steps_per_epoch = self.train_data.schedule_steps_per_epoch
+    self.model = state_lib.create_model(config)
+    self.eval_model = state_lib.create_model(config, dtype="float32")
+    self.tx = state_lib.create_optimizer(config, steps_per_epoch)
+    self.lr_fn = state_lib.create_learning_rate_fn(config, steps_per_epoch)
+    init_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), -1 % (2**31))
+    self.initial_state = state_lib.create_train_state(
+        config, self.method, self.model, self.tx, init_key,
+        self.train_data.image_shape_at(0),
+        self.train_data.batch_size_at(0) // jax.process_count())
+    self.config_dict = json.loads(config.to_json_best_effort())
+    self.last_ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                              max_to_keep=config.keep_checkpoints)
+    self.best_ckpt = checkpoints.Checkpointer(os.path.join(workdir, "best"), max_to_keep=1)
+    mon = config.co_monitor
+    self.co_monitor = monitor_lib.CatastrophicOverfittingMonitor(
+        pgd_drop=mon.pgd_drop, pgd_rel_drop=mon.pgd_rel_drop,
+        alignment_drop=mon.alignment_drop, fgsm_over_clean=mon.fgsm_over_clean)
+    self.best = monitor_lib.EarlyStopping(drop=config.best.drop,
+                                          stop_on_drop=config.best.stop_on_drop)
+    self.extra = {"rollbacks": 0, "stopped_early": False}
+    self.evals = evaluate.resolve_evals(config.evals)
+    self.last_eval: dict[str, Any] = {}
+    train_step = step_lib.make_train_step(
+        self.model, self.tx, self.method, steps_per_epoch=steps_per_epoch,
+        seed=config.seed, augment=make_augment(config))
+    self.p_train_step = jax.pmap(train_step, axis_name=AXIS, donate_argnums=(0,))
+    self.p_sync = jax.pmap(state_lib.sync_batch_stats, axis_name=AXIS, donate_argnums=(0,))
+    self.p_swa = jax.pmap(state_lib.swa_update, axis_name=AXIS, donate_argnums=(0,))
+
+  # -- epochs and periods ---------------------------------------------------
+
+  def epoch_of(self, step: int) -> int:
+    return int(np.searchsorted(self.epoch_starts, step, side="right") - 1)
+
+  def fractional_epoch(self, step: int) -> float:
+    e = self.epoch_of(step)
+    if e >= self.config.num_epochs:
+      return float(self.config.num_epochs)
+    starts = self.epoch_starts
+    return e + (step - starts[e]) / (starts[e + 1] - starts[e])
+
+  def is_due(self, step: int, every_steps: int, every_epochs: int = 1) -> bool:
+    """Every `every_steps` steps, else every `every_epochs` epochs (0: never)."""
+    if every_steps:
+      return step % every_steps == 0
+    return bool(every_epochs) and step in self.epoch_starts and (
+        self.epoch_of(step) % every_epochs == 0)
+
+  # -- restore --------------------------------------------------------------
+
+  def restore(self) -> state_lib.TrainState:
+    """The newest intact checkpoint's state (and monitors), or the initial state."""
+    state = self.initial_state
+    restored = self.last_ckpt.restore(state_lib.state_dict(state))
+    if restored is None:
+      if self.is_main:
+        with open(os.path.join(self.workdir, "config.json"), "w") as f:
+          json.dump(self.config_dict, f, indent=2)
+      return state
+    step0, ckpt_state, meta = restored
+    diff = _config_diff(_comparable(meta["config"]), _comparable(self.config_dict))
+    if diff and not self.config.allow_config_change:
+      raise ValueError(
+          f"{self.workdir} holds a run with a different config ({'; '.join(diff[:10])}). "
+          f"Use another --workdir, or pass --config.allow_config_change=True to resume "
+          f"with the new config.")
+    self.co_monitor = monitor_lib.CatastrophicOverfittingMonitor.from_state_dict(
+        meta["co_monitor"])
+    self.best = monitor_lib.EarlyStopping.from_state_dict(meta["best"])
+    self.extra = meta["extra"]
+    print(f"Resumed from {self.last_ckpt.directory} at step {step0}.", flush=True)
+    if self.is_main:
+      _truncate_metrics_log(os.path.join(self.workdir, "metrics.jsonl"), step0)
+    return state.replace(**ckpt_state)
+
+  # -- training data ----------------------------------------------------------
+
+  def device_batches(self, step: int):
+    """Batches from the one that train step `step` uses on, reshaped per device.
+
+    Step t trains on data batch t // replays; data epochs follow
+    `epoch_starts` (counted in batches).
+    """
+    num_devices = len(self.devices)
+    b = step // self.replays
+    while True:
+      epoch = self.epoch_of(b)
+      if epoch >= self.config.num_epochs:
+        return
+      in_epoch = b - int(self.epoch_starts[epoch])
+      global_batch = self.train_data.batch_size_at(epoch)
+      per_host = global_batch // jax.process_count()
+      for images, labels in self.train_data.batches(epoch, in_epoch):
+        # The example's position in the epoch keys its augmentation.
+        idx = (in_epoch * global_batch + jax.process_index() * per_host +
+               np.arange(per_host)).astype(np.int32)
+        batch = {"image": images, "label": labels.astype(np.int32), "index": idx}
+        yield jax.tree_util.tree_map(
+            lambda a: a.reshape((num_devices, -1) + a.shape[1:]), batch)
+        in_epoch += 1
+        b += 1
+
+  # -- evaluation -------------------------------------------------------------
+
+  def split(self, name: str):
+    """(images, labels) of a split for evaluation during training."""
+    if name == "test":
+      return self.test_data
+    if isinstance(self.train_data, ArrayTrainData):
+      return self.train_data.images, self.train_data.labels
+    # Streaming training data: the first batch of the first epoch.
+    return next(iter(self.train_data.batches(0, 0)))
+
+  def evals_due(self, step: int) -> list[str]:
+    return sorted(name for name, e in self.evals.items()
+                  if self.is_due(step, e["every_steps"], e["every_epochs"]) or
+                  (step == self.num_steps and e["at_end"]))
+
+  def run_evals(self, step: int, r_state) -> dict[str, dict[str, float]]:
+    """The evaluations due at `step`, by name (one engine, eval-mode float32)."""
+    due = self.evals_due(step)
+    if not due:
+      return {}
+    host = state_lib.unreplicate(jax.device_get(r_state))
+    logits_fn = closures.eval_logits_fn(
+        self.eval_model, state_lib.model_variables(host.params, host.batch_stats))
+    key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 2), step)
+    return {name: evaluate.run_named_eval(
+        self.evals[name], logits_fn, *self.split(self.evals[name]["split"]),
+        jax.random.fold_in(key, i), eps=config_base.eps_pixels(self.config))
+            for i, name in enumerate(due)}
+
+  # -- checkpoints ----------------------------------------------------------
+
+  def save(self, step: int, r_state, checkpointer, extra_meta=None) -> None:
+    meta = {"config": self.config_dict, "co_monitor": self.co_monitor.state_dict(),
+            "best": self.best.state_dict(), "extra": self.extra,
+            "epoch": self.fractional_epoch(step)}
+    meta.update(extra_meta or {})
+    checkpointer.save(step, state_lib.state_dict(state_lib.to_host(r_state)), meta)
+
+  def check_finite(self, loss: float, step: int) -> None:
+    if not np.isfinite(loss):
+      # Stop before the diverged state reaches a checkpoint: the saved ones
+      # stay intact, to resume from with a smaller learning rate.
+      raise FloatingPointError(
+          f"Training loss is {loss} at step {step} (learning rate "
+          f"{float(self.lr_fn(step - 1)):.4g}); stopping. The checkpoints in "
+          f"{self.workdir} are from before the divergence.")
+
+  # -- monitor --------------------------------------------------------------
+
+  def monitor(self, step: int, record: dict[str, float], r_state, writer):
+    """Feeds the monitor; returns (r_state, step) after a rollback, else None."""
+    event = self.co_monitor.update(step, record)
+    if event is None:
+      return None
+    writer.write(step, {"co/detected": 1, **{f"co/{k}": v for k, v in event.items()}})
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    tqdm.write(f"Catastrophic overfitting detected at step {step}: PGD accuracy "
+               f"{event['pgd_acc']:.3f} (best {event['best_pgd_acc']:.3f} at step "
+               f"{event['best_step']}), FGSM accuracy {event['fgsm_acc']:.3f}.")
+    mon = self.config.co_monitor
+    if not (mon.rollback and self.extra["rollbacks"] < mon.max_rollbacks and
+            self.best_ckpt.all_steps()):
+      return None
+    r_state, step = _rollback(self.config, self.best_ckpt, self.initial_state,
+                              self.devices)
+    self.extra["rollbacks"] += 1
+    self.extra.setdefault("adjusted_hparams", []).append(
+        {k: float(np.asarray(v)) for k, v in state_lib.unreplicate(
+            jax.device_get(r_state.hparams)).items()})
+    self.co_monitor.best, self.co_monitor.collapsed = None, False
+    self.save(step, r_state, self.last_ckpt)
+    return r_state, step
+
+  # -- events after a step ----------------------------------------------------
+
+  def after_step(self, step: int, r_state, train_metrics, writer, bar):
+    """Logging, SWA, evaluations, monitor and checkpoint due at `step`.
+
+    Returns (r_state, step); the step moves back after a rollback.
+    """
+    config = self.config
+    if step % config.log_every_steps == 0 or step == self.num_steps:
+      tm = {k: float(v) for k, v in jax.device_get(
+          state_lib.unreplicate(train_metrics)).items()}
+      self.check_finite(tm["train/loss"], step)
+      tm["train/lr"] = float(self.lr_fn(step - 1))
+      tm["epoch"] = self.fractional_epoch(step)
+      writer.write(step, tm)
+      bar.set_postfix(loss=f"{tm['train/loss']:.3f}", acc=f"{tm['train/adv_acc']:.3f}")
+    if config.swa.enabled and step in self.epoch_starts and (
+        self.epoch_of(step) > config.swa.start_epoch):
+      r_state = self.p_swa(r_state)
+    due_eval = bool(self.evals_due(step))
+    do_ckpt = self.is_due(step, config.checkpoint_every_steps) or step == self.num_steps
+    if not (due_eval or do_ckpt or step == self.num_steps):
+      return r_state, step
+    self.check_finite(float(state_lib.unreplicate(train_metrics)["train/loss"]), step)
+    r_state = self.p_sync(r_state)
+    results = self.run_evals(step, r_state)
+    for name, values in results.items():
+      record = {f"{name}/{k}": v for k, v in values.items()}
+      record["epoch"] = self.fractional_epoch(step)
+      writer.write(step, record)
+      self.last_eval[name] = record
+    if config.best.eval in results:
+      is_best, stop = self.best.update(step, results[config.best.eval][config.best.metric])
+      if is_best:
+        self.save(step, r_state, self.best_ckpt, {"eval": results[config.best.eval]})
+      if stop:
+        self.extra["stopped_early"] = True
+        print(f"Early stopping at step {step} ({config.best.eval} {config.best.metric} "
+              f"dropped by more than {config.best.drop}).", flush=True)
+    if config.co_monitor.enabled and config.co_monitor.eval in results:
+      rolled_back = self.monitor(step, results[config.co_monitor.eval], r_state, writer)
+      if rolled_back is not None:
+        r_state, step = rolled_back
+        bar.n = step
+        bar.refresh()
+        return r_state, step
+    if do_ckpt:
+      self.save(step, r_state, self.last_ckpt)
+    return r_state, step
+
+  # -- the end ----------------------------------------------------------------
+
+  def finish(self, step: int, r_state, train_seconds: float) -> dict[str, Any]:
+    config = self.config
+    finished = step >= self.num_steps or self.extra["stopped_early"]
+    if finished and config.swa.enabled:
+      r_state = _finalize_swa(config, self.eval_model, self.train_data, r_state,
+                              self.devices)
+      self.save(step, r_state, self.last_ckpt)
+    elif step not in self.last_ckpt.all_steps():
+      self.save(step, r_state, self.last_ckpt)
+    summary: dict[str, Any] = {"step": step, "last_eval": self.last_eval,
+                               "co_events": self.co_monitor.events,
+                               "stopped_early": self.extra["stopped_early"],
+                               "rollbacks": self.extra["rollbacks"],
+                               "train_seconds_this_session": train_seconds}
+    if config.final_eval.enabled and finished:
+      summary["final_eval"] = final_evaluation(config, self.workdir, self.last_ckpt,
+                                               self.best_ckpt, self.test_data,
+                                               self.progress)
+    if self.is_main:
+      with open(os.path.join(self.workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=_jsonable)
+      try:
+        from fastadv_jax import plotting  # pylint: disable=g-import-not-at-top
+        plotting.plot_training_curves(self.workdir)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("Could not plot training curves: %s", e)
+    self.last_ckpt.close()
+    self.best_ckpt.close()
+    return summary
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        *, max_steps: int | None = None, progress: bool = True
                        ) -> dict[str, Any]:
@@ -729,239 +561,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       tests; the schedule still spans the full config).
     progress: show tqdm progress bars.
   Returns:
-    A summary dict: the final step, the last evaluation, the CO events, and the
-    final PGD-50-10 records of the last and best states (when enabled).
+    A summary dict: the final step, the last evaluations, the CO events, and
+    the final PGD-50-10 records of the last and best states (when enabled).
   """
-  devices = jax.local_devices()
-  num_devices = len(devices)
-  config_base.validate_config(config, num_devices * jax.process_count())
+  method = config_base.validate_config(config, jax.local_device_count() * jax.process_count())
   os.makedirs(workdir, exist_ok=True)
-  is_main = jax.process_index() == 0
-
-  train_data, (test_images, test_labels) = load_data(config)
-  replays = config.free.replays
-  # Iterations at which each epoch starts (AT for Free: replayed iterations).
-  epoch_starts = np.concatenate([[0], np.cumsum(
-      [train_data.steps_in_epoch(e) * replays for e in range(config.num_epochs)])])
-  num_steps = int(epoch_starts[-1])
-  if max_steps is not None:
-    num_steps = min(num_steps, max_steps)
-  steps_per_epoch = train_data.schedule_steps_per_epoch
-
-  def epoch_of(step: int) -> int:
-    return int(np.searchsorted(epoch_starts, step, side="right") - 1)
-
-  def fractional_epoch(step: int) -> float:
-    e = epoch_of(step)
-    if e >= config.num_epochs:
-      return float(config.num_epochs)
-    return e + (step - epoch_starts[e]) / (epoch_starts[e + 1] - epoch_starts[e])
-
-  def is_boundary(step: int, every: int) -> bool:
-    """Every `every` steps, or at the end of each epoch when `every` is 0."""
-    return step % every == 0 if every else step in epoch_starts
-
-  model = create_model(config)
-  eval_model = create_model(config, dtype="float32")
-  tx = create_optimizer(config, steps_per_epoch)
-  init_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), -1 % (2**31))
-  state = create_train_state(config, model, tx, init_key, train_data.image_shape_at(0),
-                             train_data.batch_size_at(0) // jax.process_count())
-
-  config_dict = json.loads(config.to_json_best_effort())
-  last_ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                       max_to_keep=config.keep_checkpoints)
-  best_ckpt = checkpoints.Checkpointer(os.path.join(workdir, "best"), max_to_keep=1)
-  co_monitor = monitor_lib.CatastrophicOverfittingMonitor(
-      pgd_drop=config.co_monitor.pgd_drop, pgd_rel_drop=config.co_monitor.pgd_rel_drop,
-      alignment_drop=config.co_monitor.alignment_drop,
-      fgsm_over_clean=config.co_monitor.fgsm_over_clean)
-  early = monitor_lib.EarlyStopping(drop=config.early_stopping.drop,
-                                    stop_on_drop=config.early_stopping.stop_on_drop)
-  meta_extra = {"rollbacks": 0, "stopped_early": False}
-
-  restored = last_ckpt.restore(_state_dict(state))
-  if restored is not None:
-    step0, ckpt_state, meta = restored
-    diff = _config_diff(_comparable(meta["config"]), _comparable(config_dict))
-    if diff and not config.allow_config_change:
-      raise ValueError(
-          f"{workdir} holds a run with a different config ({'; '.join(diff[:10])}). "
-          f"Use another --workdir, or pass --config.allow_config_change=True to resume "
-          f"with the new config.")
-    state = state.replace(**ckpt_state)
-    co_monitor = monitor_lib.CatastrophicOverfittingMonitor.from_state_dict(meta["co_monitor"])
-    early = monitor_lib.EarlyStopping.from_state_dict(meta["early_stopping"])
-    meta_extra = meta["extra"]
-    print(f"Resumed from {last_ckpt.directory} at step {step0}.", flush=True)
-    if is_main:
-      _truncate_metrics_log(os.path.join(workdir, "metrics.jsonl"), step0)
-  elif is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config_dict, f, indent=2)
-
-  writer = MetricWriter(workdir, enabled=is_main)
-  train_step = make_train_step(config, model, tx, steps_per_epoch)
-  p_train_step = jax.pmap(train_step, axis_name=AXIS, donate_argnums=(0,))
-  p_eval_step = jax.pmap(make_eval_step(config, eval_model), axis_name=AXIS)
-  p_es_step = jax.pmap(make_pgd_step(config, eval_model, config.early_stopping.pgd_steps,
-                                     1, "strict"), axis_name=AXIS)
-
-  r_state = to_devices(state, devices)
-  p_sync = jax.pmap(_sync_batch_stats, axis_name=AXIS, donate_argnums=(0,))
-  p_swa = jax.pmap(_swa_update, axis_name=AXIS, donate_argnums=(0,))
-  lr_fn = create_learning_rate_fn(config, steps_per_epoch)
-
-  eval_n = min(config.eval.n, len(test_images))
-  eval_x, eval_y = test_images[:eval_n], test_labels[:eval_n]
-  if config.early_stopping.enabled:
-    es_x, es_y = next(iter(train_data.batches(0, 0))) if isinstance(
-        train_data, ImageNetTrainData) else (train_data.images, train_data.labels)
-    es_x, es_y = es_x[:config.early_stopping.n_points], es_y[:config.early_stopping.n_points]
-  eval_key = jax.random.PRNGKey(config.seed + 2)
-
-  def save(step: int, r_state, checkpointer, extra_meta=None):
-    meta = {"config": config_dict, "co_monitor": co_monitor.state_dict(),
-            "early_stopping": early.state_dict(), "extra": meta_extra,
-            "epoch": fractional_epoch(step)}
-    meta.update(extra_meta or {})
-    checkpointer.save(step, _state_dict(to_host(r_state)), meta)
-
-  def variables_of(r_state):
-    return {"params": r_state.params, "batch_stats": r_state.batch_stats} \
-        if jax.tree_util.tree_leaves(r_state.batch_stats) else {"params": r_state.params}
-
-  def check_finite(loss: float, step: int) -> None:
-    if not np.isfinite(loss):
-      # Stop before the diverged state reaches a checkpoint: the saved ones
-      # stay intact, to resume from with a smaller learning rate.
-      raise FloatingPointError(
-          f"Training loss is {loss} at step {step} (learning rate "
-          f"{float(lr_fn(step - 1)):.4g}); stopping. The checkpoints in {workdir} are "
-          f"from before the divergence.")
-
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  run = _Run(config, method, workdir, progress)
+  state = run.restore()
+  r_state = state_lib.to_devices(state, run.devices)
+  writer = MetricWriter(workdir, enabled=run.is_main)
+  stop_at = run.num_steps if max_steps is None else min(run.num_steps, max_steps)
   step = int(np.asarray(state.step))
-  bar = tqdm(total=num_steps, initial=step, disable=not (progress and is_main),
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  bar = tqdm(total=stop_at, initial=step, disable=not (progress and run.is_main),
              desc="train", unit="step", dynamic_ncols=True)
-  last_eval: dict[str, Any] = {}
-  train_t0 = time.time()
-  while step < num_steps and not meta_extra["stopped_early"]:
-    epoch = epoch_of(step)
-    in_epoch = (step - int(epoch_starts[epoch])) // replays
-    global_batch = train_data.batch_size_at(epoch)
-    per_host_batch = global_batch // jax.process_count()
-    per_device_batch = per_host_batch // num_devices
-    rolled_back = False
-    for images, labels in train_data.batches(epoch, in_epoch):
-      # The example's position in the epoch keys its augmentation.
-      idx = (in_epoch * global_batch + jax.process_index() * per_host_batch +
-             np.arange(per_host_batch)).astype(np.int32)
-      in_epoch += 1
-      batch = {"image": images, "label": labels.astype(np.int32), "index": idx}
-      batch = jax.tree_util.tree_map(
-          lambda a: a.reshape((num_devices, per_device_batch) + a.shape[1:]), batch)
-      for _ in range(replays - step % replays):
-        r_state, train_metrics = p_train_step(r_state, batch)
-        step += 1
-        bar.update(1)
-        if step % config.log_every_steps == 0 or step == num_steps:
-          tm = jax.device_get(unreplicate(train_metrics))
-          tm = {k: float(v) for k, v in tm.items()}
-          check_finite(tm["train/loss"], step)
-          tm["train/lr"] = float(lr_fn(step - 1))
-          tm["epoch"] = fractional_epoch(step)
-          writer.write(step, tm)
-          bar.set_postfix(loss=f"{tm['train/loss']:.3f}", acc=f"{tm['train/adv_acc']:.3f}")
-        do_eval = is_boundary(step, config.eval_every_steps) or step == num_steps
-        do_es = (config.early_stopping.enabled and
-                 step % config.early_stopping.every_steps == 0)
-        do_ckpt = is_boundary(step, config.checkpoint_every_steps) or step == num_steps
-        if config.swa.enabled and step in epoch_starts and epoch_of(step) > config.swa.start_epoch:
-          r_state = p_swa(r_state)
-        if do_eval or do_es or do_ckpt:
-          check_finite(float(unreplicate(train_metrics)["train/loss"]), step)
-          r_state = p_sync(r_state)
-        if do_es:
-          es = run_eval(p_es_step, variables_of(r_state), es_x, es_y,
-                        config.eval.batch_size, jax.random.fold_in(eval_key, step),
-                        num_devices)
-          is_best, stop = early.update(step, es["pgd_acc"])
-          writer.write(step, {"early_stopping/pgd_acc": es["pgd_acc"],
-                              "early_stopping/clean_acc": es["clean_acc"]})
-          if is_best:
-            save(step, r_state, best_ckpt, {"early_stopping_acc": es["pgd_acc"]})
-          if stop:
-            meta_extra["stopped_early"] = True
-            print(f"Early stopping at step {step} (PGD accuracy dropped).", flush=True)
-        if do_eval:
-          ev = run_eval(p_eval_step, variables_of(r_state), eval_x, eval_y,
-                        config.eval.batch_size, jax.random.fold_in(eval_key, step),
-                        num_devices)
-          last_eval = {f"eval/{k}": v for k, v in ev.items()}
-          last_eval["epoch"] = fractional_epoch(step)
-          writer.write(step, last_eval)
-          if not config.early_stopping.enabled and (
-              early.update(step, ev["pgd_acc"])[0]):
-            save(step, r_state, best_ckpt, {"eval": ev})
-          event = co_monitor.update(step, ev) if config.co_monitor.enabled else None
-          if event is not None:
-            writer.write(step, {"co/detected": 1, **{f"co/{k}": v for k, v in event.items()}})
-            tqdm.write(f"Catastrophic overfitting detected at step {step}: PGD accuracy "
-                       f"{event['pgd_acc']:.3f} (best {event['best_pgd_acc']:.3f} at step "
-                       f"{event['best_step']}), FGSM accuracy {event['fgsm_acc']:.3f}.")
-            if (config.co_monitor.rollback and
-                meta_extra["rollbacks"] < config.co_monitor.max_rollbacks and
-                best_ckpt.all_steps()):
-              r_state, step = _rollback(config, best_ckpt, state, devices)
-              meta_extra["rollbacks"] += 1
-              meta_extra.setdefault("adjusted_hparams", []).append(
-                  {k: float(np.asarray(v)) for k, v in unreplicate(
-                      jax.device_get(r_state.hparams)).items()})
-              co_monitor.best, co_monitor.collapsed = None, False
-              bar.n = step
-              bar.refresh()
-              save(step, r_state, last_ckpt)
-              rolled_back = True
-              break
-        if do_ckpt:
-          save(step, r_state, last_ckpt)
-        if step >= num_steps or meta_extra["stopped_early"]:
-          break
-      if rolled_back or step >= num_steps or meta_extra["stopped_early"]:
-        break
+  t0 = time.time()
+  batches, batch = run.device_batches(step), None
+  while step < stop_at and not run.extra["stopped_early"]:
+    if batch is None or step % run.replays == 0:
+      batch = next(batches)
+    r_state, train_metrics = run.p_train_step(r_state, batch)
+    step += 1
+    bar.update(1)
+    new_r_state, new_step = run.after_step(step, r_state, train_metrics, writer, bar)
+    if new_step != step:  # rolled back: the data continue from the restored step
+      batches, batch = run.device_batches(new_step), None
+    r_state, step = new_r_state, new_step
   bar.close()
-  train_seconds = time.time() - train_t0
-  finished = step >= int(epoch_starts[-1]) or meta_extra["stopped_early"]
-  if finished and config.swa.enabled:
-    r_state = _finalize_swa(config, eval_model, train_data, r_state, devices)
-  save(step, r_state, last_ckpt)
-
-  summary: dict[str, Any] = {"step": step, "last_eval": last_eval,
-                             "co_events": co_monitor.events,
-                             "stopped_early": meta_extra["stopped_early"],
-                             "rollbacks": meta_extra["rollbacks"],
-                             "train_seconds_this_session": train_seconds}
-  if config.final_eval.enabled and finished:
-    summary["final_eval"] = final_evaluation(config, workdir, last_ckpt, best_ckpt,
-                                             (test_images, test_labels), progress)
-  if is_main:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2, default=_jsonable)
-    try:
-      from fastadv_jax import plotting  # pylint: disable=g-import-not-at-top
-      plotting.plot_training_curves(workdir)
-    except Exception as e:  # pylint: disable=broad-except
-      logging.warning("Could not plot training curves: %s", e)
+  summary = run.finish(step, r_state, time.time() - t0)
   writer.close()
-  last_ckpt.close()
-  best_ckpt.close()
   return summary
 
 
-def _finalize_swa(config, model, train_data, r_state, devices) -> TrainState:
+def _finalize_swa(config, model, train_data, r_state, devices) -> state_lib.TrainState:
   """Recomputes the averaged model's BatchNorm statistics on training batches."""
-  host = to_host(r_state)
+  host = state_lib.to_host(r_state)
   if not jax.tree_util.tree_leaves(host.swa["batch_stats"]):
     return r_state
 
@@ -971,25 +605,25 @@ def _finalize_swa(config, model, train_data, r_state, devices) -> TrainState:
         break
       yield data_lib.to_float(images)
 
-  stats = recompute_batch_stats(model, host.swa["params"], host.swa["batch_stats"], batches())
-  return to_devices(host.replace(swa=dict(host.swa, batch_stats=stats)), devices)
+  stats = state_lib.recompute_batch_stats(model, host.swa["params"],
+                                          host.swa["batch_stats"], batches())
+  return state_lib.to_devices(host.replace(swa=dict(host.swa, batch_stats=stats)), devices)
 
 
 def _rollback(config, best_ckpt, template_state, devices):
   """Restores the best state and applies the configured hyperparameter changes."""
-  step, restored, _ = best_ckpt.restore(_state_dict(template_state))
+  step, restored, _ = best_ckpt.restore(state_lib.state_dict(template_state))
   restored["hparams"] = _apply_adjustments(
       restored["hparams"], {k: dict(v) for k, v in config.co_monitor.adjust.items()})
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
   tqdm.write(f"Rolled back to step {step}; tunable settings now "
              f"{ {k: float(np.asarray(v)) for k, v in restored['hparams'].items()} }.")
-  return to_devices(template_state.replace(**restored), devices), int(step)
+  return state_lib.to_devices(template_state.replace(**restored), devices), int(step)
 
 
 def final_evaluation(config, workdir, last_ckpt, best_ckpt, test_data, progress=True
                      ) -> dict[str, Any]:
   """PGD-k-r (config.final_eval) of the last and the best state; records as JSON."""
-  from fastadv_jax import evaluate  # pylint: disable=g-import-not-at-top
   results = {}
   candidates = [("last", last_ckpt), ("best", best_ckpt)]
   if config.swa.enabled:
@@ -997,9 +631,9 @@ def final_evaluation(config, workdir, last_ckpt, best_ckpt, test_data, progress=
   for which, ckpt in candidates:
     if not ckpt.all_steps():
       continue
-    model, variables, _ = restore_for_eval(workdir, which)
+    model, variables, _ = restore.restore_for_eval(workdir, which)
     # Weights as arguments, not baked-in constants: one compile for every state.
-    logits_fn = evaluate.model_logits_fn(model, variables)
+    logits_fn = closures.eval_logits_fn(model, variables)
     record = evaluate.evaluate(
         logits_fn, test_data[0], test_data[1], config.seed, attack="pgd",
         eps=config_base.eps_pixels(config), n=config.final_eval.n, selection="first",
@@ -1013,43 +647,3 @@ def final_evaluation(config, workdir, last_ckpt, best_ckpt, test_data, progress=
         f"{config.final_eval.restarts}.json"))
     results[which] = record
   return results
-
-
-def restore_for_eval(workdir: str, which: str = "best"):
-  """Loads (model, variables, config) of the `which` state of a run.
-
-  `which`: "best" (best monitored PGD accuracy), "last", or "swa" (the weight
-  average of the last checkpoint, when the run used config.swa).
-
-  The model is built in float32 for evaluation. Raises FileNotFoundError when the
-  work directory has no such checkpoint, ValueError when none can be read.
-  """
-  if which not in ("best", "last", "swa"):
-    raise ValueError(f"Unknown checkpoint {which!r}; choose one of ['best', 'last', 'swa'].")
-  directory = os.path.join(workdir, "best" if which == "best" else "checkpoints")
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(
-        f"No {which!r} checkpoint in {workdir!r}: {directory} does not exist. Is this "
-        f"the --workdir of a fastadv-train run?")
-  ckpt = checkpoints.Checkpointer(directory, max_to_keep=None)
-  found = ckpt.restore_meta()
-  if found is None:
-    raise FileNotFoundError(f"No {which!r} checkpoint in {directory}.")
-  _, meta = found
-  config = ml_collections.ConfigDict(meta["config"])
-  model = create_model(config, dtype="float32")
-  # No template: orbax returns the saved arrays as nested dicts, whatever the
-  # optimizer state or the AT-for-Free buffer looked like.
-  full = ckpt.restore(None)
-  ckpt.close()
-  if full is None:
-    raise FileNotFoundError(f"No {which!r} checkpoint in {directory}.")
-  restored = full[1]
-  if which == "swa":
-    if not restored.get("swa"):
-      raise ValueError(f"The run in {workdir!r} did not use SWA (config.swa.enabled).")
-    restored = restored["swa"]
-  variables = {"params": restored["params"]}
-  if jax.tree_util.tree_leaves(restored.get("batch_stats", {})):
-    variables["batch_stats"] = restored["batch_stats"]
-  return model, variables, config

@@ -5,12 +5,11 @@ ensemble of diverse parameter-free attacks" (reference: fra31/auto-attack).
 
 Every attack is a function of a `logits_fn` and arrays::
 
-  from jax.tree_util import Partial
+  from fastadv_jax import closures
 
-  def apply_eval(variables, x):  # defined once: jit caches by this function
-    return model.apply(variables, x, train=False)
-
-  logits_fn = Partial(apply_eval, variables)  # the variables become jit arguments
+  # Eval-mode BatchNorm, float32; a pytree: the variables become jit arguments,
+  # and another checkpoint of the same architecture reuses the compiled attacks.
+  logits_fn = closures.eval_logits_fn(model, variables)
   result = autoattack.autoattack(logits_fn, x, y, key, eps=8/255, batch_size=500)
   result.robust_accuracy   # {"clean": .., "apgd-ce": .., "apgd-t": .., "fab-t": .., "square": ..}
   res = autoattack.apgd(logits_fn, x, y, key, eps=8/255, loss="dlr")    # a single attack
@@ -20,12 +19,13 @@ Conventions (see `_common`): attacks return `AttackResult(x_adv, fooled, info)`
 with x_adv = adversarial example where fooled and the clean x elsewhere; an
 optional `mask` selects the points to attack; shapes are fixed (masks, no
 shrinking arrays); the inner loops are jitted (`logits_fn` passes into them as
-a pytree, so a `jax.tree_util.Partial` makes the model variables arguments
-rather than compile-time constants). Reliability warnings are `checks`
+a pytree argument, so a `closures.LogitsFn` or a `jax.tree_util.Partial` makes
+the model variables arguments rather than compile-time constants; a plain
+Python callable is wrapped by `closures.as_pytree` and works too). Reliability warnings are `checks`
 categories, e.g. `GradientMaskingWarning`.
 """
 
-from fastadv_jax.autoattack._common import AttackResult, as_partial
+from fastadv_jax.autoattack._common import AttackResult
 from fastadv_jax.autoattack._apgd import apgd, apgd_targeted, checkpoint_schedule, target_classes
 from fastadv_jax.autoattack.checks import (
     AutoAttackWarning,
@@ -40,6 +40,6 @@ from fastadv_jax.autoattack._square import p_schedule, square
 __all__ = [
     "ATTACKS", "VERSIONS", "AttackResult", "AutoAttackResult", "AutoAttackWarning",
     "GradientMaskingWarning", "ProbabilityOutputWarning", "RandomizedDefenseWarning",
-    "apgd", "apgd_targeted", "as_partial", "autoattack", "checkpoint_schedule",
+    "apgd", "apgd_targeted", "autoattack", "checkpoint_schedule",
     "fab_targeted", "p_schedule", "projection_linf", "square", "target_classes",
 ]

@@ -282,7 +282,8 @@ def apgd(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "Linf",
 
   Args:
     logits_fn: `x -> logits` (B, C); `(x, key) -> logits` when `stochastic`.
-      Prefer a `jax.tree_util.Partial` (see `fastadv_jax.autoattack`).
+      Prefer a pytree closure such as `closures.eval_logits_fn(model,
+      variables)` (see `fastadv_jax.autoattack`).
     x: (B, ...) images in [0, 1].
     y: (B,) integer labels.
     key: a `jax.random` key (random starts; EOT samples when stochastic).

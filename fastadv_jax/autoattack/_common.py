@@ -13,12 +13,15 @@ Conventions every attack in this package follows:
   pass and the masks decide what is accepted, so each compiled loop serves any
   mask. (The ensemble in `ensemble.py` compacts still-robust points into
   fixed-size chunks between attacks to save the wasted work.)
-* `logits_fn(x) -> logits` is the model. Wrap it in `jax.tree_util.Partial`
-  (e.g. `Partial(apply_fn, variables)`) to make its arrays *arguments* of the
-  compiled loops; a plain closure works too but its captured arrays are baked
-  into the compiled program as constants (slow to compile for large models, and
-  a new closure recompiles). A `stochastic=True` attack calls
-  `logits_fn(x, key)` with a fresh key per forward pass (randomized defenses).
+* `logits_fn(x) -> logits` is the model, passed *into* the jitted loops as an
+  argument. A pytree closure (`closures.eval_logits_fn(model, variables)`, or a
+  `jax.tree_util.Partial`) makes its arrays arguments of the compiled loops,
+  which are reused for another checkpoint of the same architecture; a plain
+  Python callable works too (`closures.as_pytree` wraps it in an argument-free
+  `Partial`, static for jit), but its captured arrays are baked into the
+  compiled program as constants (slow to compile for large models, and a new
+  closure recompiles). A `stochastic=True` attack calls `logits_fn(x, key)`
+  with a fresh key per forward pass (randomized defenses).
 """
 
 from __future__ import annotations
@@ -30,9 +33,8 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.tree_util import Partial
 
-from fastadv_jax import _checks
+from fastadv_jax import _checks, closures
 
 Array = jax.Array
 
@@ -56,20 +58,6 @@ class AttackResult(NamedTuple):
 # ---------------------------------------------------------------------------
 # Model calls.
 
-def as_partial(logits_fn: Callable) -> Partial:
-  """Wraps `logits_fn` so it can be passed *into* jitted functions.
-
-  A `jax.tree_util.Partial` is returned as is (its bound arrays become
-  arguments of the compiled loops); any other callable is wrapped in an
-  argument-free `Partial`, which jit treats as static (cached by identity).
-  """
-  if isinstance(logits_fn, Partial):
-    return logits_fn
-  if not callable(logits_fn):
-    raise ValueError(f"logits_fn must be callable, got {type(logits_fn).__name__}.")
-  return Partial(logits_fn)
-
-
 def call_logits(fn: Callable, x: Array, key: Optional[Array], stochastic: bool) -> Array:
   """`fn(x)` (or `fn(x, key)` for a stochastic model) as float32 logits."""
   logits = fn(x, key) if stochastic else fn(x)
@@ -81,7 +69,7 @@ def _predict(fn, x, key, stochastic):
 
 
 predict = jax.jit(_predict, static_argnames=("stochastic",))
-"""Jitted `logits_fn(x)`; `predict(as_partial(f), x, key, stochastic)`."""
+"""Jitted `logits_fn(x)`; `predict(closures.as_pytree(f), x, key, stochastic)`."""
 
 
 # Random draws live in these small shared functions rather than inside the
@@ -182,8 +170,8 @@ def check_n_target_classes(n_target_classes: int, num_classes: int, what: str) -
 
 
 def prepare(logits_fn, x, y, mask):
-  """Common conversion: Partial, float32 images, int32 labels, bool mask."""
-  fn = as_partial(logits_fn)
+  """Common conversion: pytree closure, float32 images, int32 labels, bool mask."""
+  fn = closures.as_pytree(logits_fn)
   x = jnp.asarray(x, jnp.float32)
   y = jnp.asarray(y).astype(jnp.int32)
   mask = jnp.ones(x.shape[0], bool) if mask is None else jnp.asarray(mask, bool)

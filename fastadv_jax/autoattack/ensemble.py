@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fastadv_jax import closures
 from fastadv_jax.autoattack import _common
 from fastadv_jax.autoattack import checks as checks_lib
 from fastadv_jax.autoattack._apgd import apgd, apgd_targeted
@@ -134,9 +135,10 @@ def autoattack(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "Linf"
 
   Args:
     logits_fn: `x -> logits`, evaluation mode (BatchNorm running averages);
-      `(x, key) -> logits` when `stochastic`. Prefer a `jax.tree_util.Partial`
-      binding the model variables (they then become arguments of the compiled
-      attacks instead of constants).
+      `(x, key) -> logits` when `stochastic`. Prefer a pytree closure,
+      `closures.eval_logits_fn(model, variables)` (the variables then become
+      arguments of the compiled attacks instead of constants); a plain
+      callable is wrapped by `closures.as_pytree`.
     x: (N, H, W, C) images in [0, 1] (N may be a whole test set).
     y: (N,) integer labels.
     key: `jax.random` key; the same key gives the same result.
@@ -171,7 +173,7 @@ def autoattack(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "Linf"
                             n_target_classes, n_queries, eot_iter)
   if eot_iter is None:
     eot_iter = 20 if version == "rand" else 1
-  fn = _common.as_partial(logits_fn)
+  fn = closures.as_pytree(logits_fn)
   x = jnp.asarray(x, jnp.float32)
   y_host = np.asarray(y).astype(np.int32)
   y = jnp.asarray(y_host)

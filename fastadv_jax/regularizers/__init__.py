@@ -29,8 +29,12 @@ Regularizers:
 * `adv_logit_consistency` — AdvLC (Li & Spratling 2023, Eq. 14) and its
   ablation variants (Table 3: L1, squared L2, KL, JS, nuclear).
 
-`RegularizerContext`, `REGULARIZERS` and `regularizer_value` let the train step
-pick regularizers by name from a config; `lambda_for_eps` gives GradAlign's λ(ε).
+Each regularizer is registered once with a `RegularizerSpec` naming what it
+consumes from the train step (`TRAIN_STEP_QUANTITIES`: the gradient at x, at the
+attack's start, the adversarial logits, ...); the train step builds exactly
+those and nothing else. A regularizer in a module of its own inside this
+package (e.g. `elle.py`) registers itself with `register_regularizer` and is
+imported with the package. `lambda_for_eps` gives GradAlign's λ(ε).
 
 Batch dependence: input gradients are gradients of the batch-mean loss with
 BatchNorm in the mode the `logits_fn` was built with ("batch" in training, so
@@ -41,8 +45,11 @@ batch × classes. Under `pmap` everything is computed on the per-device batch.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import math
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+import pkgutil
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -188,13 +195,14 @@ def _subset_loss_fn(loss_fn: LossClosure, size: int) -> LossClosure:
       f"logits_fn, labels)) to restrict its labels to the subset; got {type(loss_fn).__name__}.")
 
 
-def _every_k(compute: Callable[[], Array], every: int, step: Any, scale_by_every: bool) -> Array:
-  """Evaluates `compute` on steps that are multiples of `every`, 0 otherwise."""
+def _every_k(compute: Callable[[], Array], every: int, step_index: Any,
+             scale_by_every: bool) -> Array:
+  """Evaluates `compute` on training steps that are multiples of `every`, 0 otherwise."""
   if every == 1:
     return compute()
-  if step is None:
-    raise ValueError(f"every={every} needs the training step index (step=...).")
-  value = jax.lax.cond(jnp.asarray(step) % every == 0, compute,
+  if step_index is None:
+    raise ValueError(f"every={every} needs the training step index (step_index=...).")
+  value = jax.lax.cond(jnp.asarray(step_index) % every == 0, compute,
                        lambda: jnp.zeros((), jnp.float32))
   return value * every if scale_by_every else value
 
@@ -203,7 +211,7 @@ def grad_align(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
                grad_start: Optional[Array] = None, x_start: Optional[Array] = None,
                formulation: str = DEFAULT_FORMULATION,
                differentiate_both: bool = False, clip_noise: bool = False,
-               subset_fraction: float = 1.0, every: int = 1, step: Any = None,
+               subset_fraction: float = 1.0, every: int = 1, step_index: Any = None,
                scale_by_every: bool = False) -> Array:
   """GradAlign regularizer (Andriushchenko & Flammarion 2020, Eq. 7).
 
@@ -218,8 +226,8 @@ def grad_align(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
     x: clean images (B, H, W, C) in [0, 1].
     key: PRNG key for η.
     eps: L∞ radius in pixel units.
-    grad_start: g₁ if the attack already computed it (attacks with
-      `return_grad=True`); otherwise it is computed at `x_start`.
+    grad_start: g₁ if the attack already computed it (an attack's
+      `AttackOutput.grad_at_start`); otherwise it is computed at `x_start`.
     x_start: the attack's starting point (default: x).
     formulation: "reverse_over_forward" (default, faster in our measurements)
       or "reverse_over_reverse" (double backprop); both exact.
@@ -233,8 +241,8 @@ def grad_align(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
       batch-mean loss, with the subset's own BatchNorm statistics). Needs a
       `closures.LossFn`.
     every: compute the regularizer only on steps that are multiples of `every`
-      (0 on the others; a cheaper variant). Needs `step`.
-    step: the training step (a traced int is fine).
+      (0 on the others; a cheaper variant). Needs `step_index`.
+    step_index: the training step index (a traced int is fine).
     scale_by_every: multiply the regularizer by `every` on the steps where it
       is computed, so that its average weight over steps is unchanged.
   Returns:
@@ -272,7 +280,7 @@ def grad_align(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
     return exact_grad_penalty(loss_fn, (x_noisy,), lambda g2: _one_minus_mean_cosine(g1, g2),
                               formulation=formulation)
 
-  return _every_k(compute, every, step, scale_by_every)
+  return _every_k(compute, every, step_index, scale_by_every)
 
 
 # ---------------------------------------------------------------------------
@@ -340,8 +348,8 @@ def cure(loss_fn: LossClosure, x: Array, *, eps: Any, scale: str = "per_example"
     scale: see `input_grad_norm`.
     formulation: as in `exact_grad_penalty`.
     clip: clip x + δ to the box [0, 1].
-    grad_x: ∇ₓℓ(x) if already known (e.g. an FGSM attack's `return_grad`),
-      saves one backward pass.
+    grad_x: ∇ₓℓ(x) if already known (e.g. FGSM's `grad_at_start`), saves one
+      backward pass.
   Returns:
     The scalar penalty (not yet multiplied by λ).
   """
@@ -484,101 +492,103 @@ def lambda_for_eps(dataset: str, eps: Any) -> float:
   return float(scale * base ** (float(eps) * 255.0 / 8.0))
 
 
-class RegularizerContext(NamedTuple):
-  """Everything a regularizer may need, assembled by the train step.
+def adv_logit_consistency_at(logits_fn: closures.LogitsFn, x: Array, delta: Array,
+                             start: Optional[Array] = None, *, clean_point: str = "x",
+                             logits_adv: Optional[Array] = None, **kwargs) -> Array:
+  """AdvLC (Li & Spratling 2023, Eq. 14) with its "clean" point chosen by name.
+
+  clean_point="x": the clean logits f(x) (Eq. 14 of the paper); "start": the
+  attack's starting point (the AdvLC code uses FGSM-N's noisy point
+  clip(x + η)). Other keyword arguments as in `adv_logit_consistency`.
+  """
+  _checks.check_choice("AdvLC clean_point", clean_point, ADVLC_CLEAN_POINTS)
+  if clean_point == "start" and start is None:
+    raise ValueError("clean_point='start' needs the attack's starting point (start=...).")
+  x_clean = start if clean_point == "start" else None
+  return adv_logit_consistency(logits_fn, x, delta, x_clean=x_clean,
+                               logits_adv=logits_adv, **kwargs)
+
+
+TRAIN_STEP_QUANTITIES = {
+    "loss_fn": "batch-mean CE closure of the parameters being trained (BatchNorm "
+               "in batch mode, running averages not updated)",
+    "logits_fn": "the logits closure behind loss_fn",
+    "x": "the clean (augmented) images",
+    "labels": "the labels",
+    "delta": "the attack's perturbation (a constant)",
+    "start": "the point where the attack took its gradient (a constant)",
+    "grad_at_start": "the input gradient at start (a constant; the attack's own "
+                     "when it took one in the same BatchNorm mode, else computed)",
+    "grad_at_clean": "the input gradient at x (a constant; the attack's own when "
+                     "it started at x, else computed)",
+    "logits_adv": "the logits at x + delta of the CE term (differentiable)",
+    "key": "a PRNG key for the regularizer's own randomness",
+    "eps": "the L-inf radius in pixel units",
+    "step_index": "the training step index (traced)",
+}
+"""What the train step can hand a regularizer, by name."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RegularizerSpec:
+  """A regularizer's registration.
 
   Attributes:
-    logits_fn: `x -> logits` from the parameters being differentiated.
-    labels: (B,) integer labels.
-    x: clean images.
-    delta: the attack's perturbation (x + delta is the adversarial point).
-    key: PRNG key for the regularizer's own randomness.
-    eps: L∞ radius in pixel units.
-    grad_start: input gradient at the attack's starting point, if the attack
-      returned it (`return_grad=True`), else None.
-    x_start: the attack's starting point (the noisy point for FGSM-RS/FGSM-N),
-      or None for the clean x.
-    step: training step index (for `every`-k variants), or None.
-    logits_adv: logits at x + delta from the same parameters and BatchNorm
-      mode, when the caller already has them (the train step's CE term):
-      AdvLC then reuses them instead of a second forward/backward pass.
+    fn: the regularizer, called as `fn(**consumed, **hyperparameters)` and
+      returning one scalar (not yet multiplied by λ) with an exact parameter
+      gradient.
+    consumes: argument name of `fn` -> the train-step quantity it receives
+      (a key of `TRAIN_STEP_QUANTITIES`).
   """
-  logits_fn: closures.LogitsFn
-  labels: Array
-  x: Array
-  delta: Array
-  key: Array
-  eps: Any
-  grad_start: Optional[Array] = None
-  x_start: Optional[Array] = None
-  step: Any = None
-  logits_adv: Optional[Array] = None
+  fn: Callable[..., Array]
+  consumes: Mapping[str, str]
+
+  def __post_init__(self):
+    unknown = set(self.consumes.values()) - set(TRAIN_STEP_QUANTITIES)
+    if unknown:
+      raise ValueError(f"Unknown train-step quantities {sorted(unknown)}; choose from "
+                       f"{sorted(TRAIN_STEP_QUANTITIES)}.")
 
 
-def _ce(ctx: RegularizerContext) -> closures.LossFn:
-  return closures.cross_entropy(ctx.logits_fn, ctx.labels)
+REGULARIZER_SPECS: dict[str, RegularizerSpec] = {}
+"""Every registered regularizer by name (see `register_regularizer`)."""
+
+REGULARIZERS: dict[str, Callable[..., Array]] = {}
+"""name -> regularizer function, a view of `REGULARIZER_SPECS`."""
 
 
-def _grad_align_ctx(ctx: RegularizerContext, **hparams) -> Array:
-  return grad_align(_ce(ctx), ctx.x, ctx.key, eps=hparams.pop("eps", ctx.eps),
-                    grad_start=ctx.grad_start, x_start=ctx.x_start,
-                    step=hparams.pop("step", ctx.step), **hparams)
+def register_regularizer(name: str, spec: RegularizerSpec) -> RegularizerSpec:
+  """Registers `spec` under `name` (configs select it as regularizers.<name>)."""
+  if name in REGULARIZER_SPECS:
+    raise ValueError(f"A regularizer named {name!r} is already registered.")
+  REGULARIZER_SPECS[name] = spec
+  REGULARIZERS[name] = spec.fn
+  return spec
 
 
-def _cure_ctx(ctx: RegularizerContext, **hparams) -> Array:
-  grad_x = ctx.grad_start if ctx.x_start is None else None
-  return cure(_ce(ctx), ctx.x, eps=hparams.pop("eps", ctx.eps),
-              grad_x=hparams.pop("grad_x", grad_x), **hparams)
+register_regularizer("grad_align", RegularizerSpec(grad_align, dict(
+    loss_fn="loss_fn", x="x", key="key", eps="eps", grad_start="grad_at_start",
+    x_start="start", step_index="step_index")))
+register_regularizer("cure", RegularizerSpec(cure, dict(
+    loss_fn="loss_fn", x="x", eps="eps", grad_x="grad_at_clean")))
+register_regularizer("input_grad_norm", RegularizerSpec(input_grad_norm, dict(
+    loss_fn="loss_fn", x="x")))
+_ADVLC_CONSUMES = dict(logits_fn="logits_fn", x="x", delta="delta", start="start",
+                       logits_adv="logits_adv")
+for _name, _kwargs in (("advlc", dict(distance="l1", top_fraction=0.1)),
+                       ("advlc_l1", dict(distance="l1", top_fraction=1.0)),
+                       ("advlc_l2", dict(distance="l2sq", top_fraction=1.0)),
+                       ("advlc_kl", dict(distance="kl")),
+                       ("advlc_js", dict(distance="js")),
+                       ("advlc_nuclear", dict(distance="nuclear"))):
+  register_regularizer(_name, RegularizerSpec(
+      functools.partial(adv_logit_consistency_at, **_kwargs), _ADVLC_CONSUMES))
 
 
-def _igr_ctx(ctx: RegularizerContext, **hparams) -> Array:
-  return input_grad_norm(_ce(ctx), ctx.x, **hparams)
+def _import_own_modules() -> None:
+  """Regularizers in their own modules of this package register themselves."""
+  for info in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{info.name}")
 
 
-def _advlc_ctx(distance: str, default_fraction: Optional[float]):
-  def adapter(ctx: RegularizerContext, *, clean_point: str = "x", **hparams) -> Array:
-    _checks.check_choice("AdvLC clean_point", clean_point, ADVLC_CLEAN_POINTS)
-    x_clean = ctx.x_start if clean_point == "start" else None
-    if clean_point == "start" and ctx.x_start is None:
-      raise ValueError("clean_point='start' needs ctx.x_start (the attack's noisy start point).")
-    if distance in _ELEMENTWISE_DISTANCES:
-      hparams.setdefault("top_fraction", default_fraction)
-    hparams.setdefault("logits_adv", ctx.logits_adv)
-    return adv_logit_consistency(ctx.logits_fn, ctx.x, ctx.delta, distance=distance,
-                                 x_clean=x_clean, **hparams)
-  adapter.__doc__ = (f"AdvLC variant distance={distance!r} from a RegularizerContext; "
-                     "clean_point='x' (Eq. 14) or 'start' (the AdvLC code's noisy point).")
-  return adapter
-
-
-REGULARIZERS: dict[str, Callable[..., Array]] = {
-    "grad_align": _grad_align_ctx,
-    "cure": _cure_ctx,
-    "input_grad_norm": _igr_ctx,
-    "advlc": _advlc_ctx("l1", 0.1),
-    "advlc_l1": _advlc_ctx("l1", 1.0),
-    "advlc_l2": _advlc_ctx("l2sq", 1.0),
-    "advlc_kl": _advlc_ctx("kl", None),
-    "advlc_js": _advlc_ctx("js", None),
-    "advlc_nuclear": _advlc_ctx("nuclear", None),
-}
-
-
-def regularizer_value(name: str, ctx: RegularizerContext, *, weight: Any = 1.0,
-                      **hparams) -> Array:
-  """weight × regularizer `name` evaluated on `ctx` (exact parameter gradient).
-
-  Args:
-    name: one of `REGULARIZERS`: "grad_align", "cure", "input_grad_norm",
-      "advlc" (top 10% L1), "advlc_l1" (plain L1), "advlc_l2" (plain squared
-      L2), "advlc_kl", "advlc_js", "advlc_nuclear".
-    ctx: the `RegularizerContext` built by the train step.
-    weight: λ (must be >= 0; a traced value, e.g. a warm-up schedule, passes).
-    **hparams: keyword arguments of the underlying function (e.g.
-      formulation=, scale=, top_fraction=, clean_point= for AdvLC variants).
-  Returns:
-    A scalar.
-  """
-  _checks.check_choice("regularizer", name, REGULARIZERS)
-  _checks.check_nonnegative("regularizer weight (lambda)", weight)
-  return weight * REGULARIZERS[name](ctx, **hparams)
+_import_own_modules()

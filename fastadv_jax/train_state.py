@@ -1,0 +1,234 @@
+"""The train state, the model, the optimizer and their placement on devices.
+
+Layout after flax `examples/imagenet` (`create_train_state`): small functions a
+notebook can call one by one. The state is checkpointed unreplicated (one copy,
+independent of the device count); `to_devices` / `to_host` place it for the
+pmapped step and back.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import inspect
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fastadv_jax import models
+from fastadv_jax import schedules
+
+AXIS = "batch"
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a step reads and writes. Checkpointed unreplicated."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  # Traced hyperparameters (regularizer weights, ZeroGrad q, ...), see
+  # methods.Method.initial_hparams: the monitor may change them.
+  hparams: dict[str, jax.Array]
+  # A carried perturbation (AT for Free; shape of the host batch), a scalar
+  # placeholder for stateless attacks.
+  attack_state: jax.Array
+  # Stochastic weight averaging (AdvLC's "+SWA" rows): {"params", "batch_stats",
+  # "count"} when config.swa.enabled, else {}.
+  swa: dict[str, Any]
+
+
+def model_variables(params, batch_stats) -> dict[str, Any]:
+  """The variables dict of a model with or without BatchNorm statistics."""
+  return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+
+
+def create_model(config, *, dtype: str | None = None):
+  """The model of `config`; `dtype` overrides the compute dtype (evaluation: float32)."""
+  dtype = jnp.dtype(dtype or config.dtype)
+  return models.get_model(config.model.name, num_classes=config.num_classes,
+                          dtype=dtype, **dict(config.model.kwargs))
+
+
+def total_steps(config, steps_per_epoch: int) -> int:
+  """Train steps of the whole run (AT for Free: every replay is a step)."""
+  return int(config.num_epochs * steps_per_epoch)
+
+
+def create_learning_rate_fn(config, steps_per_epoch: int) -> optax.Schedule:
+  """The per-iteration learning-rate schedule named by `config.schedule`.
+
+  `schedule.lr_max` is passed as the schedule's peak / initial value, the run's
+  total number of steps and steps per epoch where the schedule takes them, and
+  keyword arguments given in epochs (`boundary_epochs`, `drop_epoch`) are
+  converted to steps. An epoch is `steps_per_epoch` train steps; with AT for
+  Free's replays a pass over the data is `replays` epochs, so the schedule
+  spans exactly the steps run (GradAlign's Free: 96 x 390 = 37,440).
+  """
+  kwargs = dict(config.schedule.kwargs)
+  fn = schedules.SCHEDULES[config.schedule.name]
+  accepted = inspect.signature(fn).parameters
+  iters_per_epoch = steps_per_epoch
+  for name in ("lr_max", "init_value", "value", "peak_value"):
+    if name in accepted:
+      kwargs.setdefault(name, config.schedule.lr_max)
+      break
+  if "total_steps" in accepted:
+    kwargs.setdefault("total_steps", total_steps(config, steps_per_epoch))
+  if "steps_per_epoch" in accepted:
+    kwargs.setdefault("steps_per_epoch", iters_per_epoch)
+  if "phase_boundaries" in accepted and "imagenet_phases" in config:
+    # Per-phase steps per epoch belong to the config's own phases.
+    kwargs.setdefault("phase_boundaries",
+                      list(config.imagenet_phases.start_epochs) + [config.num_epochs])
+  if "boundary_epochs" in kwargs:
+    kwargs["boundaries"] = [int(e * iters_per_epoch) for e in kwargs.pop("boundary_epochs")]
+  if "drop_epoch" in kwargs:
+    kwargs["drop_step"] = int(kwargs.pop("drop_epoch") * iters_per_epoch)
+  return schedules.get_schedule(config.schedule.name, **kwargs)
+
+
+def _decay_mask(params, decay_bn: bool):
+  """Weight decay on every parameter, or on all but BatchNorm's scale and bias.
+
+  BatchNorm layers are recognised by their parameters ({scale, bias} without a
+  kernel), not by their names.
+  """
+  def mask(tree):
+    if isinstance(tree, dict):
+      is_bn = bool(tree) and set(tree) <= {"scale", "bias"}
+      return {k: (decay_bn or not is_bn) if not isinstance(v, dict) else mask(v)
+              for k, v in tree.items()}
+    return True
+  return mask(params)
+
+
+def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+  """SGD (momentum, optional Nesterov) or Adam with *coupled* weight decay.
+
+  Coupled as in PyTorch's `weight_decay` argument: the decay is added to the
+  gradient before momentum / Adam's moments, which is what the references use.
+  """
+  lr_fn = create_learning_rate_fn(config, steps_per_epoch)
+  opt = config.optimizer
+  decay = optax.add_decayed_weights(
+      opt.weight_decay, mask=functools.partial(_decay_mask, decay_bn=opt.decay_bn))
+  if opt.name == "adam":
+    return optax.chain(decay, optax.scale_by_adam(), optax.scale_by_learning_rate(lr_fn))
+  if opt.cycle_momentum:
+    # Wong et al.'s OneCycle scheduler cycles momentum 0.9 -> 0.8 -> 0.9,
+    # inversely to the learning rate. optax.inject_hyperparams keeps it traced.
+    momentum_fn = schedules.cyclic_momentum(
+        total_steps=total_steps(config, steps_per_epoch),
+        **{k: v for k, v in dict(config.schedule.kwargs).items() if k == "peak_fraction"})
+    tx = optax.inject_hyperparams(optax.sgd)(
+        learning_rate=lr_fn, momentum=momentum_fn, nesterov=opt.nesterov)
+    return optax.chain(decay, tx)
+  return optax.chain(decay, optax.sgd(lr_fn, momentum=opt.momentum, nesterov=opt.nesterov))
+
+
+def create_train_state(config, method, model, tx, key, image_shape, host_batch: int
+                       ) -> TrainState:
+  """Initial (unreplicated) state; a carried perturbation has the host batch shape."""
+  variables = models.init_variables(model, key, image_shape)
+  params = variables["params"]
+  batch_stats = variables.get("batch_stats", {})
+  if method.attack.spec.carried is not None:
+    attack_state = jnp.zeros((host_batch,) + tuple(image_shape), jnp.float32)
+  else:
+    attack_state = jnp.zeros((), jnp.float32)
+  swa = {}
+  if config.swa.enabled:
+    swa = {"params": jax.tree_util.tree_map(jnp.copy, params),
+           "batch_stats": jax.tree_util.tree_map(jnp.copy, batch_stats),
+           "count": jnp.int32(0)}
+  return TrainState(step=jnp.int32(0), params=params, batch_stats=batch_stats,
+                    opt_state=tx.init(params), hparams=method.initial_hparams(),
+                    attack_state=attack_state, swa=swa)
+
+
+# --------------------------------------------------------------------------
+# Placement on devices.
+
+
+def _shard_leading_axis(tree, devices):
+  """Places arrays whose leading axis has one entry per device, one per device.
+
+  The mesh axis is named like pmap's (AXIS), so a state placed here has the very
+  sharding a pmapped step returns, and the step is not traced again for it.
+  """
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
+                                        jax.sharding.PartitionSpec(AXIS))
+  return jax.device_put(tree, sharding)
+
+
+def to_devices(state: TrainState, devices) -> TrainState:
+  """Replicates the state; a carried perturbation is split across devices."""
+  n = len(devices)
+  free = np.asarray(state.attack_state)
+  stacked = jax.tree_util.tree_map(
+      lambda a: np.broadcast_to(np.asarray(a), (n,) + np.shape(a)),
+      state.replace(attack_state=np.zeros((), np.float32)))
+  if free.ndim:
+    stacked = stacked.replace(attack_state=free.reshape((n, -1) + free.shape[1:]))
+  return _shard_leading_axis(stacked, devices)
+
+
+def to_host(r_state: TrainState) -> TrainState:
+  """The unreplicated host copy of a replicated state (inverse of `to_devices`)."""
+  host = jax.device_get(r_state)
+  free = np.asarray(host.attack_state)
+  free = free.reshape((-1,) + free.shape[2:]) if free.ndim > 1 else free[0]
+  single = jax.tree_util.tree_map(lambda a: np.asarray(a[0]), host.replace(attack_state=free[None]))
+  return single.replace(attack_state=free)
+
+
+def unreplicate(tree):
+  return jax.tree_util.tree_map(lambda a: a[0], tree)
+
+
+def state_dict(state: TrainState) -> dict:
+  return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+          "opt_state": state.opt_state, "hparams": state.hparams,
+          "attack_state": state.attack_state, "swa": state.swa}
+
+
+def swa_update(state: TrainState) -> TrainState:
+  """Adds the current weights to the equal-weight running average (Izmailov et al. 2018)."""
+  count = state.swa["count"]
+  params = jax.tree_util.tree_map(
+      lambda avg, p: avg + (p - avg) / (count + 1).astype(p.dtype), state.swa["params"],
+      state.params)
+  return state.replace(swa=dict(state.swa, params=params, count=count + 1))
+
+
+def recompute_batch_stats(model, params, batch_stats, batches) -> Any:
+  """BatchNorm running statistics of `params`, averaged equally over `batches`.
+
+  What `torch.optim.swa_utils.update_bn` does for an averaged model: the batch
+  statistics of each batch (recovered from Flax's momentum update) are averaged
+  with equal weights. `batches` yields float images in [0, 1].
+  """
+  momentum = 0.9  # fastadv_jax.models BatchNorm: PyTorch's 0.1
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, batch_stats)
+
+  @jax.jit
+  def batch_statistics(x):
+    _, mutated = model.apply({"params": params, "batch_stats": zeros}, x, train=True,
+                             mutable=["batch_stats"])
+    return jax.tree_util.tree_map(lambda new: new / (1 - momentum), mutated["batch_stats"])
+
+  total, n = None, 0
+  for x in batches:
+    stats = batch_statistics(x)
+    total = stats if total is None else jax.tree_util.tree_map(jnp.add, total, stats)
+    n += 1
+  return jax.tree_util.tree_map(lambda t: t / n, total)
+
+
+def sync_batch_stats(state: TrainState) -> TrainState:
+  """Averages per-device BatchNorm statistics (before evaluation and saving), under pmap."""
+  return state.replace(batch_stats=jax.lax.pmean(state.batch_stats, AXIS))
