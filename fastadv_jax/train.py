@@ -418,8 +418,9 @@ class _Run:
     key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 2), step)
     return {name: evaluate.run_named_eval(
         self.evals[name], logits_fn, *self.split(self.evals[name]["split"]),
-        jax.random.fold_in(key, i), eps=config_base.eps_pixels(self.config))
-            for i, name in enumerate(due)}
+        # Folded with the evaluation's place among all (not among those due).
+        jax.random.fold_in(key, sorted(self.evals).index(name)),
+        eps=config_base.eps_pixels(self.config)) for name in due}
 
   # -- checkpoints ----------------------------------------------------------
 

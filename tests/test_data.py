@@ -404,25 +404,6 @@ def test_multi_host_batches_partition_the_global_batch():
     data.shard_for_host(np.arange(4), 3, 3)
 
 
-def test_eval_batches_pad_and_mask():
-  images, labels = _toy(11)
-  batches = list(data.eval_batches(images, labels, 4))
-  assert [b[0].shape for b in batches] == [(4, 2, 2, 1)] * 3
-  masks = np.concatenate([b[2] for b in batches])
-  assert masks.sum() == 11 and not masks[-1]
-  real = np.concatenate([b[0][b[2]] for b in batches])
-  np.testing.assert_array_equal(real, images)
-  np.testing.assert_array_equal(np.concatenate([b[1][b[2]] for b in batches]), labels)
-  assert (batches[-1][0][~batches[-1][2]] == 0).all()
-  unpadded = list(data.eval_batches(images, labels, 4, pad=False))
-  assert len(unpadded[-1][0]) == 3 and unpadded[-1][2].all()
-  per_host = [list(data.eval_batches(images, labels, 4, process_index=h, process_count=2))
-              for h in range(2)]
-  assert len(per_host[0]) == len(per_host[1]) == 3
-  covered = np.concatenate([b[0][b[2]][:, 0, 0, 0] for host in per_host for b in host])
-  assert sorted(covered.tolist()) == list(range(11))
-
-
 # ----------------------------------------------------------------------------- augmentation
 
 _AUG_SHAPE = (16, 6, 6, 3)
