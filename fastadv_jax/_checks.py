@@ -22,6 +22,18 @@ def is_concrete(value: Any) -> bool:
   return isinstance(value, (int, float, np.ndarray, np.generic, jax.Array))
 
 
+def check_int(what: str, value: Any, minimum: int | None = None) -> None:
+  """Raises unless `value` is a Python or NumPy integer (not a bool) >= minimum.
+
+  Counts (steps, restarts, batch sizes) are static: they fix the compiled
+  program, so they are checked on concrete values only.
+  """
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{what} must be an integer, got {value!r}.")
+  if minimum is not None and value < minimum:
+    raise ValueError(f"{what} must be >= {minimum}, got {value!r}.")
+
+
 def check_choice(what: str, value: Any, choices: Iterable[Any]) -> None:
   """Raises a ValueError unless `value` is one of `choices`."""
   choices = list(choices)

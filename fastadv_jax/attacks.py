@@ -64,12 +64,6 @@ ZEROGRAD_MASK_MODES = ("gradient", "perturbation")
 # Boundary checks (concrete values only; tracers pass).
 # ----------------------------------------------------------------------------
 
-def _check_count(what: str, value: Any, minimum: int) -> None:
-  """Loop counts are static Python ints (they fix the compiled program)."""
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise ValueError(f"{what} must be a Python int >= {minimum}, got {value!r}.")
-  if value < minimum:
-    raise ValueError(f"{what} must be >= {minimum}, got {value!r}.")
 
 
 def _check_key(key: Any, attack: str) -> None:
@@ -331,7 +325,7 @@ def multigrad(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
   """
   _check_key(key, "multigrad")
   _check_common(x, eps, step)
-  _check_count("num_starts", num_starts, 1)
+  _checks.check_int("num_starts", num_starts, 1)
   step = _step_or_default("multigrad", step, eps)
   x = _as_float32(x)
   keys = jax.random.split(key, num_starts)
@@ -592,8 +586,8 @@ def pgd(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
   _check_common(x, eps, step, norm=norm)
   _checks.check_choice("norm", norm, NORMS)
   _checks.check_choice("restart selection rule select", select, SELECT_RULES)
-  _check_count("steps", steps, 0)
-  _check_count("restarts", restarts, 1)
+  _checks.check_int("steps", steps, 0)
+  _checks.check_int("restarts", restarts, 1)
   if delta_init is not None:
     _checks.check_same_shape("delta_init", delta_init, "x", x)
     if restarts > 1:

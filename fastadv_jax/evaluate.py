@@ -371,10 +371,6 @@ def _check_eps(eps) -> None:
   _checks.check_positive("eps", eps)
 
 
-def _check_count(what: str, value: Any) -> None:
-  if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-      or value < 1):
-    raise ValueError(f"{what} must be a positive integer, got {value!r}.")
 
 
 def _check_metrics(metrics) -> tuple:
@@ -453,8 +449,8 @@ def pgd_accuracy(logits_fn, images, labels, key, *, eps: float, steps: int = 50,
   """
   _check_common(images, labels, batch_size)
   _check_eps(eps)
-  _check_count("steps", steps)
-  _check_count("restarts", restarts)
+  _checks.check_int("steps", steps, 1)
+  _checks.check_int("restarts", restarts, 1)
   _checks.check_choice("PGD loss", loss, PGD_LOSSES)
   _checks.check_choice("restart rule", rule, RESTART_RULES)
   step = eps / 4 if step is None else step
@@ -515,8 +511,8 @@ def robustness_metrics(logits_fn, images, labels, key, *, eps: float,
   _check_common(images, labels, batch_size)
   _check_eps(eps)
   metrics = _check_metrics(metrics)
-  _check_count("pgd_steps", pgd_steps)
-  _check_count("pgd_restarts", pgd_restarts)
+  _checks.check_int("pgd_steps", pgd_steps, 1)
+  _checks.check_int("pgd_restarts", pgd_restarts, 1)
   _checks.check_choice("restart rule", rule, RESTART_RULES)
   pgd_step = eps / 4 if pgd_step is None else pgd_step
   _checks.check_positive("pgd_step", pgd_step)
@@ -865,8 +861,8 @@ def evaluate(logits_fn, test_images, test_labels, seed: int = 0, *,
   num_examples = len(test_images)
   indices = select_indices(num_examples, n, selection, seed)
   if attack == "pgd":
-    _check_count("steps", steps)
-    _check_count("restarts", restarts)
+    _checks.check_int("steps", steps, 1)
+    _checks.check_int("restarts", restarts, 1)
     _checks.check_choice("PGD loss", loss, PGD_LOSSES)
     _checks.check_choice("restart rule", rule, RESTART_RULES)
   else:
@@ -916,7 +912,7 @@ def evaluate(logits_fn, test_images, test_labels, seed: int = 0, *,
   record = {
       "schema": RECORD_SCHEMA,
       "dataset": dataset,
-      "threat_model": "Linf",
+      "threat_model": "Linf",  # RobustBench's name of the threat model
       "eps": float(eps),
       "eps_255": float(eps) * 255,
       "clean_acc": clean.accuracy,
@@ -1070,8 +1066,8 @@ def evaluate_workdir(workdir: str, *, checkpoint: str = "best", attack: str = "p
   if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
     raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
   if attack == "pgd":
-    _check_count("steps", steps)
-    _check_count("restarts", restarts)
+    _checks.check_int("steps", steps, 1)
+    _checks.check_int("restarts", restarts, 1)
     _checks.check_choice("PGD loss", loss, PGD_LOSSES)
     _checks.check_choice("restart rule", rule, RESTART_RULES)
   if step is not None:

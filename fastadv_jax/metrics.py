@@ -252,10 +252,8 @@ def hessian_top_eigenvalues(loss_fn: LossClosure, x: Array, key: Array, *, k: in
   Returns:
     (k,) or (B, k) eigenvalues.
   """
-  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-    raise ValueError(f"k must be a positive integer, got {k!r}.")
-  if isinstance(iters, bool) or not isinstance(iters, (int, np.integer)) or iters < 1:
-    raise ValueError(f"iters must be a positive integer, got {iters!r}.")
+  _checks.check_int("k", k, 1)
+  _checks.check_int("iters", iters, 1)
   batch = x.shape[0]
   dim = int(np.prod(x.shape[1:]))
   limit = dim if per_example else batch * dim

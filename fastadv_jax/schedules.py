@@ -36,15 +36,8 @@ from fastadv_jax import _checks
 Schedule = optax.Schedule
 
 
-def _check_steps(what: str, value: Any) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise ValueError(f"{what} must be an integer number of steps, got {value!r}.")
 
 
-def _check_positive_steps(what: str, value: Any) -> None:
-  _check_steps(what, value)
-  if value <= 0:
-    raise ValueError(f"{what} must be > 0 steps, got {value!r}.")
 
 
 def _check_finite(what: str, value: Any) -> None:
@@ -79,7 +72,7 @@ def piecewise_linear(step_knots: Sequence[float], values: Sequence[float], *,
         f"got {list(step_knots)!r} and {list(values)!r}.")
   if np.any(np.diff(knots) < 0):
     raise ValueError(f"step_knots must be non-decreasing, got {list(step_knots)!r}.")
-  _check_steps("step_offset", step_offset)
+  _checks.check_int("step_offset", step_offset)
   knots_f32 = jnp.asarray(knots, jnp.float32)
   vals_f32 = jnp.asarray(vals, jnp.float32)
 
@@ -124,7 +117,7 @@ def cyclic(lr_max: float, total_steps: int, peak_fraction: float = 0.4, *,
   """
   _checks.check_nonnegative("lr_max", lr_max)
   _check_finite("lr_max", lr_max)
-  _check_positive_steps("total_steps", total_steps)
+  _checks.check_int("total_steps", total_steps, 1)
   _checks.check_in_range("peak_fraction", peak_fraction, 0.0, 1.0,
                          low_open=True, high_open=True)
   return piecewise_linear([0.0, peak_fraction * total_steps, float(total_steps)],
@@ -151,7 +144,7 @@ def cyclic_momentum(total_steps: int, peak_fraction: float = 0.5, *,
   Returns:
     An `optax.Schedule`.
   """
-  _check_positive_steps("total_steps", total_steps)
+  _checks.check_int("total_steps", total_steps, 1)
   _checks.check_in_range("peak_fraction", peak_fraction, 0.0, 1.0,
                          low_open=True, high_open=True)
   _checks.check_in_range("base_momentum", base_momentum, 0.0, 1.0)
@@ -183,10 +176,10 @@ def piecewise(init_value: float, boundaries: Sequence[int], factor: float = 0.1,
   _checks.check_nonnegative("factor", factor)
   bounds = list(boundaries)
   for b in bounds:
-    _check_steps("each boundary", b)
+    _checks.check_int("each boundary", b)
   if any(b1 <= b0 for b0, b1 in zip(bounds, bounds[1:])):
     raise ValueError(f"boundaries must be strictly increasing steps, got {bounds!r}.")
-  _check_steps("step_offset", step_offset)
+  _checks.check_int("step_offset", step_offset)
   levels = jnp.asarray([init_value * factor**i for i in range(len(bounds) + 1)],
                        jnp.float32)
   bounds_arr = jnp.asarray(bounds, jnp.float32).reshape(-1)
@@ -214,7 +207,7 @@ def one_drop(value: float, drop_step: int, factor: float = 0.1, *,
   Returns:
     An `optax.Schedule`.
   """
-  _check_positive_steps("drop_step", drop_step)
+  _checks.check_int("drop_step", drop_step, 1)
   return piecewise(value, [drop_step], factor, step_offset=step_offset)
 
 
@@ -232,7 +225,7 @@ def epochs_to_steps(epoch: float, steps_per_epoch: int | Sequence[int],
     The number of updates made when `epoch` epochs are complete.
   """
   if isinstance(steps_per_epoch, (int, np.integer)):
-    _check_positive_steps("steps_per_epoch", steps_per_epoch)
+    _checks.check_int("steps_per_epoch", steps_per_epoch, 1)
     return float(epoch) * int(steps_per_epoch)
   steps = list(steps_per_epoch)
   if phase_boundaries is None or len(list(phase_boundaries)) != len(steps) + 1:
@@ -245,7 +238,7 @@ def epochs_to_steps(epoch: float, steps_per_epoch: int | Sequence[int],
     raise ValueError(
         f"phase_boundaries must start at 0 and increase strictly, got {bounds!r}.")
   for s in steps:
-    _check_positive_steps("each steps_per_epoch", s)
+    _checks.check_int("each steps_per_epoch", s, 1)
   total = 0.0
   for (start, end), spe in zip(zip(bounds, bounds[1:]), steps):
     total += max(0.0, min(float(epoch), end) - start) * spe
@@ -257,12 +250,15 @@ def epochs_to_steps(epoch: float, steps_per_epoch: int | Sequence[int],
 # Wong et al. 2020, ImageNet (their configs' lr_epochs/lr_values for the three
 # phases, chained): 0 -> 0.4 over epoch 1, -> 0.04 at epoch 6 (end of phase 1,
 # 128 px), -> 0.004 at 12 (phase 2, 224 px), -> 0.0004 at 15 (phase 3, 288 px).
+# The values are multiples of the peak, lr_max = 0.4.
 IMAGENET_WONG_EPOCHS = (0.0, 1.0, 6.0, 12.0, 15.0)
-IMAGENET_WONG_VALUES = (0.0, 0.4, 0.04, 0.004, 0.0004)
+IMAGENET_WONG_VALUES = (0.0, 1.0, 0.1, 0.01, 0.001)
+IMAGENET_WONG_LR_MAX = 0.4
 IMAGENET_WONG_PHASE_BOUNDARIES = (0, 6, 12, 15)
 
 
 def imagenet_wong(steps_per_epoch: int | Sequence[int], *,
+                  lr_max: float = IMAGENET_WONG_LR_MAX,
                   epoch_knots: Sequence[float] = IMAGENET_WONG_EPOCHS,
                   values: Sequence[float] = IMAGENET_WONG_VALUES,
                   phase_boundaries: Sequence[float] = IMAGENET_WONG_PHASE_BOUNDARIES,
@@ -280,8 +276,9 @@ def imagenet_wong(steps_per_epoch: int | Sequence[int], *,
 
   Args:
     steps_per_epoch: one int, or one int per phase.
+    lr_max: the peak learning rate (0.4 in Wong et al.); `values` are scaled by it.
     epoch_knots: epochs of the interpolation knots.
-    values: learning rate at each knot.
+    values: learning rate at each knot, as a multiple of lr_max.
     phase_boundaries: start epoch of each phase and the final epoch.
     step_offset: the value for update `s` is read at `s + step_offset`.
   Returns:
@@ -289,7 +286,9 @@ def imagenet_wong(steps_per_epoch: int | Sequence[int], *,
   """
   step_knots = [epochs_to_steps(e, steps_per_epoch, phase_boundaries)
                 for e in epoch_knots]
-  return piecewise_linear(step_knots, values, step_offset=step_offset)
+  _checks.check_nonnegative("lr_max", lr_max)
+  return piecewise_linear(step_knots, [lr_max * v for v in values],
+                          step_offset=step_offset)
 
 
 def warmup(value: float, warmup_steps: int, *, step_offset: int = 0) -> Schedule:
@@ -310,7 +309,7 @@ def warmup(value: float, warmup_steps: int, *, step_offset: int = 0) -> Schedule
     An `optax.Schedule`.
   """
   _check_finite("value", value)
-  _check_steps("warmup_steps", warmup_steps)
+  _checks.check_int("warmup_steps", warmup_steps)
   if warmup_steps < 0:
     raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps!r}.")
   if warmup_steps == 0:

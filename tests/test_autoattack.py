@@ -11,6 +11,7 @@ the worst case over the Linf ball and the box has a closed form:
 
 import warnings
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +20,7 @@ import scipy.optimize
 from jax.tree_util import Partial
 
 from fastadv_jax import autoattack as aa
+from fastadv_jax import closures
 from fastadv_jax.autoattack import _apgd, checks
 
 SHAPE = (4, 4, 3)
@@ -78,11 +80,11 @@ def margin_of(model, x, y):
   return z_y - z.max(-1)
 
 
-def assert_in_ball_and_box(x_adv, x, eps, norm="Linf"):
+def assert_in_ball_and_box(x_adv, x, eps, norm="linf"):
   x_adv, x = np.asarray(x_adv), np.asarray(x)
   assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
   delta = (x_adv - x).reshape(len(x), -1)
-  size = np.abs(delta).max(1) if norm == "Linf" else np.sqrt((delta ** 2).sum(1))
+  size = np.abs(delta).max(1) if norm == "linf" else np.sqrt((delta ** 2).sum(1))
   assert np.all(size <= eps + 1e-6), size.max()
 
 
@@ -249,7 +251,7 @@ def test_apgd_matches_the_torchattacks_trajectory():
   start = np.clip(x + eps * u / np.abs(u.reshape(batch, -1)).max(1)[:, None, None, None], 0, 1)
   _, robust, loss_best, _, _, _ = _apgd._apgd_run(
       model, jnp.asarray(x), jnp.asarray(y), None, jnp.asarray(start), KEY, jnp.float32(eps),
-      jnp.float32(0.75), norm="Linf", loss="dlr", n_iter=n_iter, eot_iter=1, stochastic=False)
+      jnp.float32(0.75), norm="linf", loss="dlr", n_iter=n_iter, eot_iter=1, stochastic=False)
 
   attack = torchattacks.APGD(TorchMLP(), norm="Linf", eps=eps, steps=n_iter, loss="dlr")
   rand, torch.rand = torch.rand, lambda *a, **k: torch.tensor((u.transpose(0, 3, 1, 2) + 1) / 2)
@@ -276,11 +278,11 @@ def test_apgd_l2_reaches_the_linear_worst_case(binary):
   eps = 0.1
   v = w[:, y].T - w[:, 1 - y].T
   closed_form = np.sum(v * x.reshape(BATCH, -1), 1) + b[y] - b[1 - y] - eps * np.linalg.norm(v, axis=1)
-  result = aa.apgd(model, x, y, KEY, eps=eps, norm="L2", n_iter=N_ITER)
+  result = aa.apgd(model, x, y, KEY, eps=eps, norm="l2", n_iter=N_ITER)
   np.testing.assert_allclose(margin_of(model, result.info["x_best"], y), closed_form,
                              atol=2e-3 * np.abs(closed_form).max())
   np.testing.assert_array_equal(np.asarray(result.fooled), closed_form < 0)
-  assert_in_ball_and_box(result.x_adv, x, eps, norm="L2")
+  assert_in_ball_and_box(result.x_adv, x, eps, norm="l2")
 
 
 def test_fab_targeted_finds_the_minimal_distance(binary):
@@ -345,6 +347,37 @@ def test_apgd_is_traceable_under_jit(binary):
   jitted = jax.jit(lambda x: aa.apgd(model, x, y, KEY, eps=EPS, n_iter=N_ITER))(jnp.asarray(x))
   np.testing.assert_array_equal(np.asarray(jitted.fooled), np.asarray(eager.fooled))
   np.testing.assert_allclose(np.asarray(jitted.x_adv), np.asarray(eager.x_adv), atol=1e-6)
+
+
+class LinearNet(nn.Module):
+  """The toy model's linear case as a Linen module (eval-mode closures)."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    return nn.Dense(NUM_CLASSES)(x.reshape(x.shape[0], -1))
+
+
+def test_closure_types_give_the_same_attack(binary):
+  """A `closures.LogitsFn`, a `Partial` and a plain callable: one result; a
+  second checkpoint of the same module reuses the compiled loop."""
+  model, w, b, x, y = binary
+  variables = {"params": {"Dense_0": {"kernel": jnp.asarray(w, jnp.float32),
+                                      "bias": jnp.asarray(b, jnp.float32)}}}
+  logits_fn = closures.eval_logits_fn(LinearNet(), variables)
+  np.testing.assert_allclose(logits_fn(x), model(x), rtol=1e-5, atol=1e-4)
+  reference = aa.apgd(model, x, y, KEY, eps=EPS, n_iter=N_ITER)
+  before = _apgd._apgd_run._cache_size()
+  for fn in (logits_fn, lambda z: logits_fn(z)):
+    result = aa.apgd(fn, x, y, KEY, eps=EPS, n_iter=N_ITER)
+    np.testing.assert_array_equal(np.asarray(result.fooled), np.asarray(reference.fooled))
+    np.testing.assert_allclose(np.asarray(result.x_adv), np.asarray(reference.x_adv),
+                               atol=1e-6)
+  compiled = _apgd._apgd_run._cache_size()
+  assert compiled > before
+  other = closures.eval_logits_fn(LinearNet(), jax.tree_util.tree_map(
+      lambda v: 2 * v, variables))
+  aa.apgd(other, x, y, KEY, eps=EPS, n_iter=N_ITER)
+  assert _apgd._apgd_run._cache_size() == compiled
 
 
 # ---------------------------------------------------------------------------
@@ -492,14 +525,14 @@ def test_randomized_model_warns(multiclass):
     (lambda m, x, y: aa.apgd(m, x, y, KEY, eps=EPS, mask=np.ones(3, bool)), "mask"),
     (lambda m, x, y: aa.apgd_targeted(m, x, y, KEY, eps=EPS, n_target_classes=NUM_CLASSES,
                                       n_iter=N_ITER), "target classes"),
-    (lambda m, x, y: aa.fab_targeted(m, x, y, KEY, eps=EPS, norm="L2"), "Linf"),
+    (lambda m, x, y: aa.fab_targeted(m, x, y, KEY, eps=EPS, norm="L2"), "linf"),
     (lambda m, x, y: aa.square(m, x.reshape(len(x), -1), y, KEY, eps=EPS), "NHWC"),
     (lambda m, x, y: aa.autoattack(m, x, y, KEY, eps=EPS, version="plus"), "version"),
     (lambda m, x, y: aa.autoattack(m, x, y, KEY, eps=EPS, attacks_to_run=["apgd-x"]), "attack"),
     (lambda m, x, y: aa.autoattack(m, x, y, KEY, eps=EPS, attacks_to_run="apgd-ce"), "sequence"),
     (lambda m, x, y: aa.autoattack(m, x, y, KEY, eps=EPS, attacks_to_run=["square", "square"]),
      "twice"),
-    (lambda m, x, y: aa.autoattack(m, x, y, KEY, eps=EPS, norm="L2"), "Linf"),
+    (lambda m, x, y: aa.autoattack(m, x, y, KEY, eps=EPS, norm="L2"), "linf"),
     (lambda m, x, y: aa.autoattack(m, x, y, KEY, eps=EPS, batch_size=0), "batch_size"),
 ])
 def test_bad_inputs_raise(binary, call, match):

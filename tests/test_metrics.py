@@ -56,6 +56,27 @@ def test_gradient_alignment_of_a_linear_model_is_one(linear_problem, images):
   assert float(mean) == pytest.approx(1.0, rel=1e-5)
 
 
+def test_gradient_alignment_given_eta_and_validity(linear_problem, images):
+  loss_fn, _ = linear_problem
+  key = jax.random.key(3)
+  eta = jax.random.uniform(key, images.shape, jnp.float32, -EPS, EPS)
+  drawn, given = _run(lambda: (
+      M.gradient_alignment(loss_fn, images, key, eps=EPS, reduce="none"),
+      M.gradient_alignment(loss_fn, images, eps=EPS, eta=eta, reduce="none")))
+  np.testing.assert_array_equal(np.asarray(drawn), np.asarray(given))
+  # a zero gradient (a loss flat in example 0's input): cosine 0, not valid
+  mask = jnp.arange(images.shape[0]).reshape(-1, 1, 1, 1) > 0
+  flat = lambda x: loss_fn(jnp.where(mask, x, 0.0))
+  cos, valid = _run(lambda: M.gradient_alignment(flat, images, key, eps=EPS, reduce="none",
+                                                 return_valid=True))
+  np.testing.assert_array_equal(np.asarray(valid), [False, True, True, True])
+  np.testing.assert_allclose(np.asarray(cos), [0.0, 1.0, 1.0, 1.0], atol=1e-5)
+  with pytest.raises(ValueError, match="key"):
+    M.gradient_alignment(loss_fn, images, eps=EPS)
+  with pytest.raises(ValueError, match="eta"):
+    M.gradient_alignment(loss_fn, images, eps=EPS, eta=eta[:2])
+
+
 def test_gradient_alignment_is_below_one_for_a_curved_loss(images):
   _, per_example = _quadratic_problem(np.linspace(-3.0, 5.0, D))
   loss_fn = lambda x: jnp.mean(per_example(x))
@@ -185,7 +206,7 @@ def test_bad_concrete_input_raises(images):
   loss_fn = lambda x: jnp.mean(x ** 2)
   with pytest.raises(ValueError, match="k=49 is larger than the input dimension 48"):
     M.hessian_top_eigenvalues(loss_fn, images, jax.random.key(0), k=D + 1, per_example=True)
-  with pytest.raises(ValueError, match="k must be a positive integer"):
+  with pytest.raises(ValueError, match="k must be >= 1"):
     M.hessian_top_eigenvalues(loss_fn, images, jax.random.key(0), k=0)
   with pytest.raises(ValueError, match="fraction"):
     M.fixed_linf_perturbation(jax.random.key(0), images.shape, eps=EPS, fraction=0.0)

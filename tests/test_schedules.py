@@ -73,6 +73,19 @@ def test_imagenet_wong_with_phase_steps():
     schedules.epochs_to_steps(1, (1, 2), (0, 6, 12, 15))
 
 
+def test_imagenet_config_lr_max_sets_the_peak():
+  """`schedule.lr_max` of the ImageNet config scales the whole 3-phase recipe."""
+  import os  # pylint: disable=g-import-not-at-top
+  from fastadv_jax import config_base, train_state  # pylint: disable=g-import-not-at-top
+  config = config_base.load_config_file(
+      os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "imagenet.py"),
+      "fgsm_rs")
+  config.schedule.lr_max = 0.8
+  lr = train_state.create_learning_rate_fn(config, (10, 20, 40))
+  np.testing.assert_allclose(_at(lr, [0, 10, 60, 180, 300]), [0.0, 0.8, 0.08, 0.008, 0.0008],
+                             rtol=1e-5, atol=1e-9)
+
+
 def test_warmup_is_a_traced_ramp():
   eps = schedules.warmup(8 / 255, 50)
   np.testing.assert_allclose(_at(eps, [0, 25, 50, 80]), [0, 4 / 255, 8 / 255, 8 / 255],
@@ -89,7 +102,7 @@ def test_registry_and_argument_errors():
     schedules.get_schedule("cosine")
   with pytest.raises(ValueError, match="Bad arguments.*'cyclic'.*lr_max"):
     schedules.get_schedule("cyclic", lr_max=0.2, total_step=10)
-  with pytest.raises(ValueError, match="total_steps must be > 0"):
+  with pytest.raises(ValueError, match="total_steps must be >= 1"):
     schedules.cyclic(0.2, 0)
   with pytest.raises(ValueError, match="total_steps must be an integer"):
     schedules.cyclic(0.2, 10.5)

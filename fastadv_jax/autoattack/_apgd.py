@@ -95,7 +95,7 @@ def _project_l2(x, x_new, eps):
 
 def random_start(x: Array, key: Array, eps, norm: str) -> Array:
   """x + eps * t / ||t|| clipped to the box; t ~ U[-1, 1]^d (Linf) or N(0, I) (L2)."""
-  if norm == "Linf":
+  if norm == "linf":
     t = _common.uniform_noise(key, x.shape)
     t = t / _common.expand_to(_common.per_example_max_abs(t) + 1e-12, t)
   else:
@@ -169,7 +169,7 @@ def _apgd_run(fn, x, y, target, x_start, key, eps, rho, *, norm, loss, n_iter, e
     momentum_diff = x_adv - s["x_adv_old"]
     a = jnp.where(i > 0, 0.75, 1.0)
     step = _common.expand_to(s["step_size"], x)
-    if norm == "Linf":
+    if norm == "linf":
       x1 = x_adv + step * jnp.sign(s["grad"])
       x1 = jnp.clip(jnp.clip(x1, x - eps, x + eps), 0.0, 1.0)
       x1 = x_adv + (x1 - x_adv) * a + momentum_diff * (1 - a)
@@ -227,9 +227,9 @@ def _validate(x, y, eps, norm, n_iter, n_restarts, rho, eot_iter, mask):
   _common.check_eps(eps)
   norm = _common.canonical_norm(norm)
   _common.check_inputs(x, y, mask)
-  _common.check_int("n_iter", n_iter)
-  _common.check_int("n_restarts", n_restarts)
-  _common.check_int("eot_iter", eot_iter)
+  _checks.check_int("n_iter", n_iter, 1)
+  _checks.check_int("n_restarts", n_restarts, 1)
+  _checks.check_int("eot_iter", eot_iter, 1)
   _checks.check_in_range("rho", rho, 0.0, 1.0)
   return norm
 
@@ -270,7 +270,7 @@ def _maybe_warn(info, attackable, name, warn):
                                int(np.sum(np.asarray(attackable))), name)
 
 
-def apgd(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "Linf",
+def apgd(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "linf",
          loss: str = "ce", n_iter: int = 100, n_restarts: int = 1, rho: float = 0.75,
          eot_iter: int = 1, mask=None, stochastic: bool = False,
          warn: bool = True) -> AttackResult:
@@ -288,7 +288,7 @@ def apgd(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "Linf",
     y: (B,) integer labels.
     key: a `jax.random` key (random starts; EOT samples when stochastic).
     eps: radius of the `norm` ball, in pixel units (> 0).
-    norm: "Linf" or "L2" (case-insensitive).
+    norm: "linf" or "l2" (case-insensitive).
     loss: "ce" (cross-entropy) or "dlr" (difference of logits ratio, Eq. 6).
     n_iter: iterations per restart (100 in AutoAttack).
     n_restarts: random restarts (1 in AutoAttack "standard"/"rand").
@@ -337,7 +337,7 @@ def target_classes(clean_logits: Array, n_target_classes: int) -> Array:
   return jnp.stack([order[:, num_classes - r] for r in range(2, n_target_classes + 2)])
 
 
-def apgd_targeted(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "Linf",
+def apgd_targeted(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "linf",
                   n_target_classes: int = 9, n_iter: int = 100, n_restarts: int = 1,
                   rho: float = 0.75, eot_iter: int = 1, mask=None,
                   stochastic: bool = False, warn: bool = True) -> AttackResult:
@@ -358,7 +358,7 @@ def apgd_targeted(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "Li
     across targets.
   """
   norm = _validate(x, y, eps, norm, n_iter, n_restarts, rho, eot_iter, mask)
-  _common.check_int("n_target_classes", n_target_classes)
+  _checks.check_int("n_target_classes", n_target_classes, 1)
   fn, x, y, mask = _common.prepare(logits_fn, x, y, mask)
   key_clean, key_attack = jax.random.split(key)
   clean_logits = _common.predict(fn, x, key_clean, stochastic)

@@ -34,11 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastadv_jax import _checks, closures
+from fastadv_jax import _checks, attacks, closures
 
 Array = jax.Array
 
-NORMS = ("Linf", "L2")
+NORMS = attacks.NORMS  # one spelling: "linf", "l2"
 
 
 class AttackResult(NamedTuple):
@@ -117,7 +117,7 @@ def expand_to(v: Array, x: Array) -> Array:
 # Boundary checks (concrete values only; traced values pass, per DESIGN.md).
 
 def canonical_norm(norm: Any, allowed=NORMS) -> str:
-  """'Linf'/'linf'/'L2'/'l2' -> 'Linf'/'L2'; anything else raises."""
+  """'Linf'/'linf'/'L2'/'l2' -> 'linf'/'l2' (the spelling of `attacks.NORMS`); anything else raises."""
   lookup = {n.lower(): n for n in allowed}
   if not isinstance(norm, str) or norm.lower() not in lookup:
     raise ValueError(f"Unknown norm {norm!r}; choose one of {list(allowed)}.")
@@ -131,9 +131,6 @@ def check_eps(eps: Any) -> None:
   _checks.check_positive("eps", eps)
 
 
-def check_int(what: str, value: Any, minimum: int = 1) -> None:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-    raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}.")
 
 
 def check_inputs(x: Any, y: Any, mask: Any = None) -> None:
@@ -162,7 +159,7 @@ def check_labels_in_range(y: Any, num_classes: int) -> None:
 
 
 def check_n_target_classes(n_target_classes: int, num_classes: int, what: str) -> None:
-  check_int("n_target_classes", n_target_classes)
+  _checks.check_int("n_target_classes", n_target_classes, 1)
   if n_target_classes > num_classes - 1:
     raise ValueError(
         f"{what}: n_target_classes={n_target_classes} but the model has only "

@@ -167,7 +167,7 @@ def _fab_targeted_run(fn, x, y, target, x_start, key, alpha_max, eta, beta, *, n
   return x_best.reshape(x.shape), distance
 
 
-def fab_targeted(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "Linf",
+def fab_targeted(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "linf",
                  n_target_classes: int = 9, n_iter: int = 100, n_restarts: int = 1,
                  alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
                  mask=None, stochastic: bool = False) -> AttackResult:
@@ -179,7 +179,7 @@ def fab_targeted(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "Lin
 
   Args:
     logits_fn, x, y, key, eps, mask, stochastic: as in `apgd`.
-    norm: "Linf" only (FAB-T L2/L1 are not implemented).
+    norm: "linf" only (FAB-T L2/L1 are not implemented).
     n_target_classes: 9 in AutoAttack (at most num_classes - 1).
     n_iter: FAB iterations per run (100 in AutoAttack).
     n_restarts: runs per target (1 in AutoAttack "standard").
@@ -192,12 +192,12 @@ def fab_targeted(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "Lin
   """
   _common.check_eps(eps)
   norm = _common.canonical_norm(norm)
-  if norm != "Linf":
-    raise ValueError(f"fab_targeted supports norm 'Linf' only, got {norm!r}.")
+  if norm != "linf":
+    raise ValueError(f"fab_targeted supports norm 'linf' only, got {norm!r}.")
   _common.check_inputs(x, y, mask)
-  _common.check_int("n_iter", n_iter)
-  _common.check_int("n_restarts", n_restarts)
-  _common.check_int("n_target_classes", n_target_classes)
+  _checks.check_int("n_iter", n_iter, 1)
+  _checks.check_int("n_restarts", n_restarts, 1)
+  _checks.check_int("n_target_classes", n_target_classes, 1)
   for name, value in (("alpha_max", alpha_max), ("eta", eta), ("beta", beta)):
     _checks.check_positive(name, value)
   fn, x, y, mask = _common.prepare(logits_fn, x, y, mask)

@@ -135,7 +135,7 @@ def _square_run(fn, x, y, stripes, key, eps, active, *, n_queries, p_init, resca
   return x_best, fooled, margin_min, queries
 
 
-def square(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "Linf",
+def square(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "linf",
            n_queries: int = 5000, n_restarts: int = 1, p_init: float = 0.8,
            loss: str = "margin", rescale_schedule: bool = False, mask=None,
            stochastic: bool = False) -> AttackResult:
@@ -147,7 +147,7 @@ def square(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "Linf",
   Args:
     logits_fn, y, key, eps, mask, stochastic: as in `apgd`.
     x: (B, H, W, C) images in [0, 1] (NHWC: squares are spatial).
-    norm: "Linf" only (the L2 variant is not implemented).
+    norm: "linf" only (the L2 variant is not implemented).
     n_queries: iterations (queries after the initial one) per restart; 5000 in
       AutoAttack.
     n_restarts: restarts (1 in AutoAttack).
@@ -164,13 +164,13 @@ def square(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "Linf",
   """
   _common.check_eps(eps)
   norm = _common.canonical_norm(norm)
-  if norm != "Linf":
-    raise ValueError(f"square supports norm 'Linf' only, got {norm!r}.")
+  if norm != "linf":
+    raise ValueError(f"square supports norm 'linf' only, got {norm!r}.")
   _common.check_inputs(x, y, mask)
   if np.ndim(x) != 4:
     raise ValueError(f"square needs NHWC images (B, H, W, C), got shape {np.shape(x)}.")
-  _common.check_int("n_queries", n_queries)
-  _common.check_int("n_restarts", n_restarts)
+  _checks.check_int("n_queries", n_queries, 1)
+  _checks.check_int("n_restarts", n_restarts, 1)
   _checks.check_in_range("p_init", p_init, 0.0, 1.0, low_open=True)
   if loss not in LOSSES:
     raise ValueError(f"Unknown Square loss {loss!r}; choose one of {list(LOSSES)}.")

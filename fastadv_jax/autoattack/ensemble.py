@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastadv_jax import closures
+from fastadv_jax import _checks
 from fastadv_jax.autoattack import _common
 from fastadv_jax.autoattack import checks as checks_lib
 from fastadv_jax.autoattack._apgd import apgd, apgd_targeted
@@ -89,20 +90,20 @@ def _validate(x, y, eps, norm, version, attacks_to_run, batch_size, n_iter, n_ta
         raise ValueError(f"Unknown attack {name!r} in attacks_to_run; choose from {list(ATTACKS)}.")
     if len(set(attacks)) != len(attacks):
       raise ValueError(f"attacks_to_run lists an attack twice: {list(attacks)}.")
-  if norm != "Linf":
+  if norm != "linf":
     bad = [a for a in attacks if a in _LINF_ONLY]
     if bad:
       raise ValueError(
-          f"{bad} support norm 'Linf' only (FAB-T and Square L2 are not implemented); with "
+          f"{bad} support norm 'linf' only (FAB-T and Square L2 are not implemented); with "
           f"norm={norm!r} pass attacks_to_run from {list(_GRADIENT_ATTACKS)}.")
   _common.check_inputs(x, y)
   if batch_size is not None:
-    _common.check_int("batch_size", batch_size)
-  _common.check_int("n_iter", n_iter)
-  _common.check_int("n_target_classes", n_target_classes)
-  _common.check_int("n_queries", n_queries)
+    _checks.check_int("batch_size", batch_size, 1)
+  _checks.check_int("n_iter", n_iter, 1)
+  _checks.check_int("n_target_classes", n_target_classes, 1)
+  _checks.check_int("n_queries", n_queries, 1)
   if eot_iter is not None:
-    _common.check_int("eot_iter", eot_iter)
+    _checks.check_int("eot_iter", eot_iter, 1)
   return norm, attacks
 
 
@@ -122,7 +123,7 @@ def padded_chunks(indices: np.ndarray, size: int):
     yield chunk, n
 
 
-def autoattack(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "Linf",
+def autoattack(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "linf",
                version: str = "standard", attacks_to_run: Optional[Sequence[str]] = None,
                batch_size: Optional[int] = None, n_iter: int = 100, n_target_classes: int = 9,
                n_queries: int = 5000, eot_iter: Optional[int] = None,
@@ -143,7 +144,7 @@ def autoattack(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "Linf"
     y: (N,) integer labels.
     key: `jax.random` key; the same key gives the same result.
     eps: radius in pixel units (e.g. 8/255).
-    norm: "Linf" (default) or "L2" (then only APGD attacks are available).
+    norm: "linf" (default) or "l2" (then only APGD attacks are available).
     version: "standard" or "rand" (sets the attack list and the EOT count).
     attacks_to_run: optional subset/order of `ATTACKS` ("apgd-ce", "apgd-dlr",
       "apgd-t", "fab-t", "square"), overriding the version's list; the

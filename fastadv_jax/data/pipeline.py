@@ -22,16 +22,11 @@ import numpy as np
 from fastadv_jax import _checks
 
 
-def _check_int(what: str, value, minimum: int = 0) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise ValueError(f"{what} must be an integer, got {value!r}.")
-  if value < minimum:
-    raise ValueError(f"{what} must be >= {minimum}, got {value!r}.")
 
 
 def _check_process(process_index: int, process_count: int) -> None:
-  _check_int("process_count", process_count, 1)
-  _check_int("process_index", process_index, 0)
+  _checks.check_int("process_count", process_count, 1)
+  _checks.check_int("process_index", process_index, 0)
   if process_index >= process_count:
     raise ValueError(
         f"process_index must lie in [0, {process_count - 1}] for process_count="
@@ -51,9 +46,9 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   Returns:
     An int64 permutation of `arange(N)`.
   """
-  _check_int("num_examples", num_examples, 0)
-  _check_int("seed", seed, 0)
-  _check_int("epoch", epoch, 0)
+  _checks.check_int("num_examples", num_examples, 0)
+  _checks.check_int("seed", seed, 0)
+  _checks.check_int("epoch", epoch, 0)
   rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(epoch)])))
   return rng.permutation(int(num_examples)).astype(np.int64)
 
@@ -79,7 +74,7 @@ def shard_for_host(indices: np.ndarray, process_index: int,
 
 
 def _local_batch_size(batch_size: int, process_count: int) -> int:
-  _check_int("batch_size", batch_size, 1)
+  _checks.check_int("batch_size", batch_size, 1)
   if batch_size % process_count:
     raise ValueError(
         f"The global batch_size {batch_size} must be divisible by process_count "
@@ -97,7 +92,7 @@ def steps_per_epoch(num_examples: int, batch_size: int, *, drop_remainder: bool 
     drop_remainder: drop the last incomplete batch (fixed shapes).
     process_count: the number of hosts.
   """
-  _check_int("num_examples", num_examples, 0)
+  _checks.check_int("num_examples", num_examples, 0)
   local_batch = _local_batch_size(batch_size, process_count)
   local_examples = num_examples // process_count
   if drop_remainder:
@@ -132,7 +127,7 @@ def train_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, se
   local_batch = _local_batch_size(batch_size, process_count)
   num_steps = steps_per_epoch(len(images), batch_size, drop_remainder=drop_remainder,
                               process_count=process_count)
-  _check_int("start_step", start_step, 0)
+  _checks.check_int("start_step", start_step, 0)
   if start_step > num_steps:
     raise ValueError(
         f"start_step={start_step} is past the end of the epoch ({num_steps} steps "

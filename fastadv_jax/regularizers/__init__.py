@@ -85,9 +85,6 @@ def _check_fraction(what: str, value: Any) -> None:
   _checks.check_in_range(what, value, 0.0, 1.0, low_open=True)
 
 
-def _check_positive_int(what: str, value: Any) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{what} must be a positive integer, got {value!r}.")
 
 
 def _count(fraction: float, total: int) -> int:
@@ -251,7 +248,7 @@ def grad_align(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
   _checks.check_eps(eps)
   _checks.check_choice("formulation", formulation, FORMULATIONS)
   _check_fraction("subset_fraction", subset_fraction)
-  _check_positive_int("every", every)
+  _checks.check_int("every", every, 1)
   _checks.check_images(x)
   if grad_start is not None:
     _checks.check_same_shape("grad_start", grad_start, "x", x)
