@@ -87,6 +87,7 @@ import numpy as np
 
 from fastadv_jax import _checks
 from fastadv_jax import closures
+from fastadv_jax.restore import CHECKPOINTS
 
 Array = jax.Array
 
@@ -94,7 +95,6 @@ ATTACKS = ("pgd", "autoattack")
 RESTART_RULES = ("strict", "max_loss")
 PGD_LOSSES = ("ce", "dlr")
 SELECTIONS = ("random", "first")
-CHECKPOINTS = ("best", "last", "swa")
 AUTOATTACK_VERSIONS = ("standard",)
 RECORD_SCHEMA = "fastadv_jax.eval_record/1"
 METRICS = ("clean_acc", "fgsm_acc", "fgsm_point_acc", "pgd_acc", "grad_alignment",
@@ -1026,7 +1026,7 @@ def evaluate_workdir(workdir: str, *, checkpoint: str = "best", attack: str = "p
                      progress: bool = True) -> dict:
   """Evaluates a training run's checkpoint and writes the record.
 
-  Loads `(model, variables, config) = fastadv_jax.train.restore_for_eval(
+  Loads `(model, variables, config) = fastadv_jax.restore.restore_for_eval(
   workdir, checkpoint)`, the test split `fastadv_jax.data.load_split(
   config.dataset, "test", ...)` with the run's data settings, runs `evaluate`
   in float32 with BatchNorm in eval mode and writes the record to
@@ -1075,8 +1075,8 @@ def evaluate_workdir(workdir: str, *, checkpoint: str = "best", attack: str = "p
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"No such work directory: {workdir!r}.")
 
-  from fastadv_jax import train  # pylint: disable=g-import-not-at-top
-  model, variables, config = train.restore_for_eval(workdir, checkpoint)
+  from fastadv_jax import restore  # pylint: disable=g-import-not-at-top
+  model, variables, config = restore.restore_for_eval(workdir, checkpoint)
   dataset = str(config.dataset)
   size = TEST_SET_SIZES.get(dataset)
   if size is not None and n > size:
