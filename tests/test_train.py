@@ -8,6 +8,7 @@ import sys
 import time
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,10 +53,10 @@ def synthetic_batch(n=BATCH, num_classes=10, seed=0, devices=1):
 
 
 def run_steps(config, num_steps=2, devices=1, seed_batch=0, steps_per_epoch=10,
-              traces=None):
+              max_traces=None):
   """Builds the state and the pmapped step of `config`, runs a few steps.
 
-  `traces`, a list, gets one entry each time the step is traced.
+  With `max_traces`, tracing the step more often fails (chex.assert_max_traces).
   """
   devs = jax.local_devices()[:devices]
   method = config_base.validate_config(config)
@@ -66,12 +67,9 @@ def run_steps(config, num_steps=2, devices=1, seed_batch=0, steps_per_epoch=10,
   step = train_step.make_train_step(model, tx, method, steps_per_epoch=steps_per_epoch,
                                     seed=config.seed, augment=train.make_augment(config))
 
-  def counted_step(state, batch):
-    if traces is not None:
-      traces.append(1)
-    return step(state, batch)
-
-  step_fn = jax.pmap(counted_step, axis_name=AXIS, devices=devs)
+  if max_traces is not None:
+    step = chex.assert_max_traces(step, n=max_traces)
+  step_fn = jax.pmap(step, axis_name=AXIS, devices=devs)
   r_state = train_state.to_devices(state, devs)
   metrics = None
   for i in range(num_steps):
@@ -123,18 +121,14 @@ def test_one_device_equals_eight_devices():
   config.batch_size = 16
   global BATCH
   old, BATCH = BATCH, 16
-  traces = []
   try:
-    one, m1 = run_steps(config, devices=1, num_steps=3, traces=traces)
+    # The state a step returns has the structure and dtypes it takes: one
+    # trace for three batches.
+    one, m1 = run_steps(config, devices=1, num_steps=3, max_traces=1)
     eight, m8 = run_steps(config, devices=8, num_steps=3)
   finally:
     BATCH = old
-  # The state a step returns has the structure and dtypes it takes: one trace
-  # for three batches.
-  assert len(traces) == 1
-  for a, b in zip(jax.tree_util.tree_leaves(one.params),
-                  jax.tree_util.tree_leaves(eight.params)):
-    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+  chex.assert_trees_all_close(one.params, eight.params, rtol=2e-5, atol=2e-6)
   np.testing.assert_allclose(m1["train/loss"], m8["train/loss"], rtol=1e-5)
 
 
