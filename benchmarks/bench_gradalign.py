@@ -3,7 +3,7 @@
 Times one jitted parameter gradient of
 
     CE(f(x)) + λ · GradAlign(x)          (GradAlign with g₁ given, as an FGSM
-                                          attack with return_grad=True provides)
+                                          attack's AttackOutput.grad_at_start provides)
 
 for GradAlign's two exact formulations ("reverse_over_forward": a jvp-based
 surrogate differentiated by reverse mode; "reverse_over_reverse": grad of grad),

@@ -2,7 +2,7 @@
 
 One train step = the attack + the forward/backward pass of the training loss
 (regularizers included) + the optimizer update. On the JAX side it is exactly
-what `fastadv-train` runs: `fastadv_jax.train.make_train_step` for a config
+what `fastadv-train` runs: `fastadv_jax.train_step.make_train_step` for a config
 variant of `configs/cifar10.py`, under `jax.pmap` on one device, with the state
 donated; the step includes the uint8 -> float conversion and the crop/flip
 augmentation. On the PyTorch side it is the step as the reference code writes
@@ -166,27 +166,28 @@ class JaxCase:
 
   def __init__(self, name: str, args):
     import jax  # pylint: disable=g-import-not-at-top
-    from fastadv_jax import config_base, train  # pylint: disable=g-import-not-at-top
+    from fastadv_jax import config_base, train, train_state, train_step  # pylint: disable=g-import-not-at-top
 
     config = method_config(name, args)
-    config_base.validate_config(config)
+    method = config_base.validate_config(config)
     devices = jax.local_devices()[:1]
-    model = train.create_model(config)
-    tx = train.create_optimizer(config, STEPS_PER_EPOCH)
-    state = train.create_train_state(config, model, tx, jax.random.PRNGKey(0), IMAGE_SHAPE,
-                                     args.batch)
+    model = train_state.create_model(config)
+    tx = train_state.create_optimizer(config, STEPS_PER_EPOCH)
+    state = train_state.create_train_state(config, method, model, tx, jax.random.PRNGKey(0),
+                                           IMAGE_SHAPE, args.batch)
     self.info = {
         "num_params": int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(state.params))),
         "variant": config.variant, "attack": config.attack.name,
         "regularizers": {k: dict(v) for k, v in config.regularizers.items()}}
-    step_fn = jax.pmap(train.make_train_step(config, model, tx, STEPS_PER_EPOCH),
-                       axis_name=train.AXIS, devices=devices, donate_argnums=(0,))
+    step = train_step.make_train_step(model, tx, method, steps_per_epoch=STEPS_PER_EPOCH,
+                                      seed=config.seed, augment=train.make_augment(config))
+    step_fn = jax.pmap(step, axis_name=train_state.AXIS, devices=devices, donate_argnums=(0,))
     rng = np.random.default_rng(0)
     self.batch = jax.device_put(
         {"image": rng.integers(0, 256, (1, args.batch) + IMAGE_SHAPE, dtype=np.uint8),
          "label": rng.integers(0, NUM_CLASSES, (1, args.batch)).astype(np.int32),
          "index": np.arange(args.batch, dtype=np.int32)[None]}, devices[0])
-    self.r_state = train.to_devices(state, devices)
+    self.r_state = train_state.to_devices(state, devices)
     start = time.perf_counter()
     self.compiled = step_fn.lower(self.r_state, self.batch).compile()
     self.info["compile_s"] = time.perf_counter() - start
@@ -381,12 +382,13 @@ class TorchBench:
 
   def make_step(self, name: str) -> Callable[[], None]:
     import torch  # pylint: disable=g-import-not-at-top
-    from fastadv_jax import config_base  # pylint: disable=g-import-not-at-top
-    config = method_config(name, self.args)
-    hp = {n: config_base.regularizer_weight(config, n) for n in config.regularizers}
-    hp.update(dict(config.attack.kwargs))
+    from fastadv_jax import methods  # pylint: disable=g-import-not-at-top
+    method = methods.build_method(method_config(name, self.args))
+    hp = {r.name: r.weight for r in method.regularizers}
+    hp.update(method.attack.kwargs)
+    hp.update(method.attack.traced)  # e.g. ZeroGrad's q
     step = _torch_step(METHODS[name].torch_step, self.model, self.opt, self.x, self.y,
-                       config_base.eps_pixels(config), hp)
+                       method.eps, hp)
     cuda = self.device.type == "cuda"
 
     def timed_step():

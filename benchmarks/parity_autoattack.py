@@ -173,7 +173,7 @@ def train_or_load(args):
     x = data.augment(images, aug_key, padding=4, flip=True)
     logits_fn = closures.logits_fn(model, {"params": params}, bn="eval")
     delta = attacks.pgd(closures.cross_entropy(logits_fn, labels), x, attack_key,
-                        eps=eps, step=eps / 2, steps=2)
+                        eps=eps, step=eps / 2, steps=2).delta
     x_adv = jax.lax.stop_gradient(x + delta)
 
     def loss(p):
@@ -502,7 +502,7 @@ def main(argv=None):
         f"{torch.__version__} with {torch.get_num_threads()} threads")
   test_images, test_labels = load_cifar10("test")
   model, variables, train_settings, model_path, train_s = train_or_load(args)
-  logits_fn = evaluate.model_logits_fn(model, variables)
+  logits_fn = closures.eval_logits_fn(model, variables)
   net = torch_twin(model, variables, args.filters)
 
   indices = evaluate.select_indices(len(test_images), args.n, "random", args.seed)

@@ -176,3 +176,84 @@ def fmt_table(headers, rows) -> str:
   for r in rows:
     lines.append("| " + " | ".join(str(c) for c in r) + " |")
   return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# Reading a run's evaluation records: named evaluations and old logs.
+#
+# Runs since named evaluations (config.evals) log "<name>/clean_acc",
+# "<name>/fgsm_acc" (ROBUST: correct at x and at x + δ_FGSM),
+# "<name>/fgsm_point_acc" (correct at x + δ_FGSM whatever the clean prediction:
+# the catastrophic-overfitting signature), "<name>/pgd_acc", ... and keep
+# summary["last_eval"] = {name: {"<name>/clean_acc": ..., ...}}. Older runs
+# (and the logs committed under results/) logged "eval/..." and kept
+# summary["last_eval"] = {"eval/clean_acc": ...}; their "eval/fgsm_acc" was the
+# accuracy at the FGSM point. The helpers below return unprefixed metrics in
+# the new meaning: "fgsm_point_acc" whenever either spelling logged it,
+# "fgsm_acc" (robust) only where the run computed it.
+
+LEGACY_EVAL_PREFIX = "eval"
+
+
+def _unprefixed(record: dict, prefix: str) -> dict:
+  metrics = {k[len(prefix) + 1:]: v for k, v in record.items()
+             if k.startswith(prefix + "/")}
+  if prefix == LEGACY_EVAL_PREFIX and "fgsm_point_acc" not in metrics:
+    if "fgsm_acc" in metrics:  # the old "FGSM accuracy" was the accuracy at the FGSM point
+      metrics["fgsm_point_acc"] = metrics.pop("fgsm_acc")
+  return metrics
+
+
+def eval_prefix(records, eval_name: str = "test") -> str:
+  """The prefix under which `records` (metrics.jsonl lines) logged `eval_name`:
+  `eval_name` itself, or "eval" for runs from before named evaluations."""
+  if any(f"{eval_name}/pgd_acc" in r for r in records):
+    return eval_name
+  if any(f"{LEGACY_EVAL_PREFIX}/pgd_acc" in r for r in records):
+    return LEGACY_EVAL_PREFIX
+  return eval_name
+
+
+def eval_curve(records, eval_name: str = "test") -> list[dict]:
+  """The evaluation records of one named evaluation, oldest first.
+
+  Each is {"step", "epoch", <metric>: value, ...} with unprefixed metric names
+  in the current meaning (see above); old "eval/" logs are read too.
+  """
+  prefix = eval_prefix(records, eval_name)
+  return [{"step": r["step"], "epoch": r.get("epoch"), **_unprefixed(r, prefix)}
+          for r in records if f"{prefix}/pgd_acc" in r]
+
+
+def last_eval(summary: dict, eval_name: str = "test") -> dict:
+  """summary["last_eval"] of a run, unprefixed, for `eval_name` ({} if none).
+
+  Reads both {name: {"<name>/...": ...}} (named evaluations) and the old flat
+  {"eval/...": ...}.
+  """
+  le = summary.get("last_eval") or {}
+  if isinstance(le.get(eval_name), dict):
+    return _unprefixed(le[eval_name], eval_name)
+  return _unprefixed(le, LEGACY_EVAL_PREFIX)
+
+
+def monitored_eval_name(config) -> str:
+  """The evaluation the run's catastrophic-overfitting monitor read ("test" by
+  default; configs from before named evaluations had only one)."""
+  try:
+    return str(config.co_monitor.eval)
+  except (AttributeError, KeyError):
+    return "test"
+
+
+def eval_settings(config, eval_name: str = "test") -> dict:
+  """n, selection and seed of a run's evaluation `eval_name`, from its config
+  (config.evals.<name>; old configs: config.eval, the first eval.n points)."""
+  if "evals" in config and eval_name in config.evals:
+    e = config.evals[eval_name]
+    return {"name": eval_name, "split": e.get("split", "test"), "n": int(e.n),
+            "selection": e.get("selection", "first"), "seed": int(e.get("seed", 0))}
+  if "eval" in config:
+    return {"name": LEGACY_EVAL_PREFIX, "split": "test", "n": int(config.eval.n),
+            "selection": "first", "seed": 0}
+  raise KeyError(f"The config has no evaluation {eval_name!r}.")

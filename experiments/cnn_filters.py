@@ -2,7 +2,8 @@ r"""The single-layer CNN after catastrophic overfitting (GradAlign §4, App. C.2
 
 GradAlign trains a one-layer CNN (3×3 conv, 4 filters, ReLU, linear) with FGSM
 at ε = 10/255 and observes catastrophic overfitting (CO): PGD accuracy drops to
-~0 while FGSM accuracy rises, gradient alignment falls, and one filter becomes
+~0 while the accuracy at the FGSM point x + δ_FGSM rises, gradient alignment
+falls, and one filter becomes
 a Laplace-like edge detector whose norm and outgoing weights grow; zeroing that
 filter lifts gradient alignment from 0.08 back to 0.71 (REFERENCE.md).
 
@@ -13,14 +14,19 @@ and "last" (end of training) checkpoints:
 * each filter's ℓ2 norm, bias, the ℓ2 norm of its outgoing linear weights, and
   its |cosine| with the 4- and 8-neighbour Laplace kernels (channel-averaged);
 * gradient alignment E cos(∇ℓ(x), ∇ℓ(x+η)) (metrics.gradient_alignment, η ~
-  U[-ε, ε], x+η clipped to the box), clean, FGSM and PGD-k-r accuracy on n random
-  CIFAR-10 test points;
+  U[-ε, ε], x+η clipped to the box), clean accuracy, FGSM accuracy (both the
+  accuracy at the FGSM point, `fgsm_point_acc`, the CO signature, and the
+  robust one, `fgsm_robust_acc`: correct at x and x + δ_FGSM) and PGD-k-r
+  accuracy on n random CIFAR-10 test points;
 * the same after zeroing the filter of largest norm (its kernel, bias and
   outgoing weights), and after zeroing each other filter in turn;
 
 and plots the filters (3×3×3 as RGB, each normalized to [0, 1]) and the run's
-training curves (metrics.jsonl: clean / FGSM / PGD accuracy and gradient
-alignment per epoch). If the run has not finished, it waits for
+training curves (metrics.jsonl, the evaluation its CO monitor read, `test` by
+default: clean accuracy, accuracy at the FGSM point, robust FGSM and PGD
+accuracy, gradient alignment per epoch; runs from before named evaluations
+logged `eval/...`, where "FGSM accuracy" was the accuracy at the FGSM point).
+If the run has not finished, it waits for
 <workdir>/summary.json up to --wait-minutes, then analyses whatever checkpoints
 exist and records their step and epoch. With --train it first trains its own
 short CPU-scale run (a random 10k-image subset; see --train-epochs).
@@ -53,7 +59,13 @@ def _abs_cos(a, b):
 
 
 def checkpoint_info(workdir: str, which: str) -> dict:
-  """Step and epoch of the `which` checkpoint (restore_for_eval does not say)."""
+  """Step and epoch of the `which` checkpoint (restore.restore_for_eval does not say).
+
+  "monitored": the evaluation that made a "best" checkpoint best (checkpoint
+  meta "eval"; None for "last"); "selected_by" (best only): the run's
+  config.best (older runs: the per-epoch evaluation's PGD accuracy, or early
+  stopping).
+  """
   from fastadv_jax import checkpoints  # pylint: disable=g-import-not-at-top
   directory = os.path.join(workdir, "best" if which == "best" else "checkpoints")
   ckpt = checkpoints.Checkpointer(directory, max_to_keep=None)
@@ -62,8 +74,17 @@ def checkpoint_info(workdir: str, which: str) -> dict:
   if found is None:
     return {}
   step, meta = found
-  return {"step": int(step), "epoch": meta.get("epoch"),
+  info = {"step": int(step), "epoch": meta.get("epoch"),
           "monitored": meta.get("eval") or meta.get("early_stopping_acc")}
+  if which == "best":
+    cfg = meta.get("config") or {}
+    if "best" in cfg:
+      info["selected_by"] = f"{cfg['best']['eval']}/{cfg['best']['metric']}"
+    elif (cfg.get("early_stopping") or {}).get("enabled"):
+      info["selected_by"] = "early_stopping (PGD on training points)"
+    else:
+      info["selected_by"] = "eval/pgd_acc"
+  return info
 
 
 def filter_stats(params) -> list[dict]:
@@ -108,17 +129,18 @@ def zero_filter(variables, c: int):
 
 def measure(model, variables, x, y, *, eps, seed, pgd_steps, pgd_restarts, batch,
             progress):
-  """Gradient alignment, clean / FGSM / PGD accuracy on (x, y)."""
+  """Gradient alignment, clean / FGSM (at the FGSM point, robust) / PGD accuracy."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from fastadv_jax import attacks, closures, evaluate, metrics  # pylint: disable=g-import-not-at-top
 
-  logits_fn = evaluate.model_logits_fn(model, variables)
+  logits_fn = closures.eval_logits_fn(model, variables)
 
   @jax.jit
-  def batch_stats(xb, yb, key):
+  def batch_stats(logits_fn, xb, yb, key):
     loss_fn = closures.cross_entropy(logits_fn, yb)
-    delta, grad = attacks.fgsm(loss_fn, xb, eps=eps, return_grad=True)
+    out = attacks.fgsm(loss_fn, xb, eps=eps)  # FGSM starts at x: its gradient is ∇ℓ(x)
+    delta, grad = out.delta, out.grad_at_start
     align = metrics.gradient_alignment(loss_fn, xb, key, eps=eps, grad_x=grad,
                                        clip_to_box=True, reduce="none")
     fgsm_ok = jnp.argmax(logits_fn(xb + delta), -1) == yb
@@ -128,8 +150,8 @@ def measure(model, variables, x, y, *, eps, seed, pgd_steps, pgd_restarts, batch
   aligns, fgsm_ok, fgsm_robust = [], [], []
   key = jax.random.PRNGKey(seed)
   for i in range(0, len(x), batch):
-    a, f, fr = batch_stats(jnp.asarray(x[i:i + batch]), jnp.asarray(y[i:i + batch]),
-                           jax.random.fold_in(key, i))
+    a, f, fr = batch_stats(logits_fn, jnp.asarray(x[i:i + batch]),
+                           jnp.asarray(y[i:i + batch]), jax.random.fold_in(key, i))
     aligns.append(np.asarray(a))
     fgsm_ok.append(np.asarray(f))
     fgsm_robust.append(np.asarray(fr))
@@ -141,9 +163,10 @@ def measure(model, variables, x, y, *, eps, seed, pgd_steps, pgd_restarts, batch
   return {"grad_alignment": float(align.mean()),
           "grad_alignment_sem": float(align.std() / np.sqrt(len(align))),
           "clean_acc": clean.accuracy,
-          # Accuracy at x + δ_FGSM (as the training monitor reports it: after CO it
-          # exceeds clean accuracy) and robust accuracy (correct at x and x + δ).
-          "fgsm_acc": float(np.mean(np.concatenate(fgsm_ok))),
+          # Accuracy at the FGSM point x + δ_FGSM whatever the clean prediction
+          # (the CO signature: after CO it exceeds clean accuracy; the training
+          # logs' fgsm_point_acc) and robust accuracy (correct at x and x + δ).
+          "fgsm_point_acc": float(np.mean(np.concatenate(fgsm_ok))),
           "fgsm_robust_acc": float(np.mean(np.concatenate(fgsm_robust))),
           "pgd_acc": pgd.accuracy}
 
@@ -166,7 +189,7 @@ def train_short(args) -> str:
   config.data.local_path = _common.shuffled_cifar10_npz(args.train_n, 0, args.seed)
   config.num_epochs = args.train_epochs
   config.seed = args.seed
-  config.eval.n = 500
+  config.evals.test.n = 500
   config.final_eval.enabled = False
   workdir = os.path.join(_common.SCRATCH_DIR, f"cnn_fgsm_short_{args.train_n}_"
                          f"{args.train_epochs}ep_s{args.seed}")
@@ -224,23 +247,32 @@ def plot_filters(rec, results, path):
   plt.close(fig)
 
 
-def plot_curves(workdir, results, path):
+def plot_curves(workdir, results, path, eval_name="test"):
+  """The run's per-epoch evaluation `eval_name` (old runs: "eval/...") as curves.
+
+  Returns (curve, events): curve entries hold "fgsm_point" (accuracy at
+  x + δ_FGSM whatever the clean prediction, the CO signature; what old logs
+  called FGSM accuracy) and "fgsm_robust" (correct at x and at x + δ_FGSM; None
+  for old logs).
+  """
   from fastadv_jax import monitor, plotting  # pylint: disable=g-import-not-at-top
   plt = _common.pyplot()
   records = plotting.read_metrics(workdir)
-  evals = [r for r in records if "eval/pgd_acc" in r]
+  evals = _common.eval_curve(records, eval_name)
   events = [r for r in records if r.get("co/detected")] or [
-      {"step": e["step"]} for e in monitor.replay(records)]
+      {"step": e["step"]} for e in monitor.replay(records, eval_name=eval_name)]
   step_to_epoch = {r["step"]: r["epoch"] for r in evals}
   fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
   ep = [r["epoch"] for r in evals]
-  for key, label in (("eval/clean_acc", "clean"), ("eval/fgsm_acc", "FGSM"),
-                     ("eval/pgd_acc", "PGD")):
-    axes[0].plot(ep, [100 * r[key] for r in evals], marker="o", ms=3, label=label)
+  for key, label in (("clean_acc", "clean"), ("fgsm_point_acc", "at x+δ_FGSM"),
+                     ("fgsm_acc", "FGSM (robust)"), ("pgd_acc", "PGD (robust)")):
+    if evals and evals[0].get(key) is not None:
+      axes[0].plot(ep, [100 * r[key] for r in evals], marker="o", ms=3, label=label)
   axes[0].set(xlabel="epoch", ylabel="accuracy (%)",
-              title=f"evaluation subset (n={evals[-1].get('eval/n') if evals else '?'})")
-  for key, label in (("eval/grad_alignment", "gradient alignment"),
-                     ("eval/cos_fgsm_pgd", "cos(δ_FGSM, δ_PGD)")):
+              title=f"evaluation {_common.eval_prefix(records, eval_name)!r} "
+                    f"(n={evals[-1].get('n') if evals else '?'})")
+  for key, label in (("grad_alignment", "gradient alignment"),
+                     ("cos_fgsm_pgd", "cos(δ_FGSM, δ_PGD)")):
     axes[1].plot(ep, [r.get(key, np.nan) for r in evals], marker="o", ms=3, label=label)
   axes[1].set(xlabel="epoch", ylabel="cosine", ylim=(-0.05, 1.05), title="alignment")
   for ax in axes:
@@ -257,10 +289,10 @@ def plot_curves(workdir, results, path):
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
-  return [{"epoch": r["epoch"], "step": r["step"], "clean": r["eval/clean_acc"],
-           "fgsm": r["eval/fgsm_acc"], "pgd": r["eval/pgd_acc"],
-           "grad_alignment": r.get("eval/grad_alignment"),
-           "cos_fgsm_pgd": r.get("eval/cos_fgsm_pgd")} for r in evals], [
+  return [{"epoch": r["epoch"], "step": r["step"], "clean": r["clean_acc"],
+           "fgsm_point": r.get("fgsm_point_acc"), "fgsm_robust": r.get("fgsm_acc"),
+           "pgd": r["pgd_acc"], "grad_alignment": r.get("grad_alignment"),
+           "cos_fgsm_pgd": r.get("cos_fgsm_pgd")} for r in evals], [
                {"step": e["step"], "epoch": step_to_epoch.get(e["step"])} for e in events]
 
 
@@ -297,13 +329,13 @@ def main(argv=None):
   kw = dict(eps=eps, seed=args.seed, pgd_steps=args.pgd_steps, pgd_restarts=restarts,
             batch=args.batch, progress=not args.no_progress)
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  from fastadv_jax import train  # pylint: disable=g-import-not-at-top
+  from fastadv_jax import restore  # pylint: disable=g-import-not-at-top
 
   results = {}
   config = None
   for which in args.checkpoints:
     try:
-      model, variables, config = train.restore_for_eval(workdir, which)
+      model, variables, config = restore.restore_for_eval(workdir, which)
     except FileNotFoundError as e:
       print(f"skipping {which}: {e}")
       continue
@@ -335,21 +367,29 @@ def main(argv=None):
       "zeroing": "conv kernel[..., c], conv bias[c] and the outgoing linear weights of "
                  "filter c set to 0"}
   rec["results"] = results
-  # The run's per-epoch evaluation (metrics.jsonl) used the first eval.n test
-  # points of its data source; record their classes (the local JPEG copy is
-  # sorted by class, so these may all be airplanes).
+  # The run's per-epoch evaluation (metrics.jsonl): the evaluation its CO
+  # monitor read (config.evals.<co_monitor.eval>, "test" by default: the first
+  # n test points of its data source; old runs: config.eval, the first eval.n).
+  # Record their classes (the local JPEG copy is sorted by class, so the first
+  # points may all be airplanes).
+  eval_name = _common.monitored_eval_name(config) if config is not None else "test"
   if config is not None:
     try:
-      from fastadv_jax import data  # pylint: disable=g-import-not-at-top
+      from fastadv_jax import data, evaluate  # pylint: disable=g-import-not-at-top
+      es = _common.eval_settings(config, eval_name)
       _, labels = data.load_split(
-          "cifar10", "test", source=config.data.source,
+          "cifar10", es["split"], source=config.data.source,
           local_path=config.data.local_path or None, progress=False)
+      idx_eval = evaluate.select_indices(len(labels), es["n"], es["selection"], es["seed"])
       rec["training_curve_eval_subset"] = {
-          "n": int(config.eval.n), "selection": "first eval.n test points of the run's source",
-          "class_counts": np.bincount(labels[:config.eval.n], minlength=10).tolist()}
+          **es, "selection": (f"{es['selection']} {es['n']} {es['split']} points of the "
+                              f"run's source" + (f" (seed {es['seed']})"
+                                                 if es["selection"] == "random" else "")),
+          "class_counts": np.bincount(labels[idx_eval], minlength=10).tolist()}
     except Exception as e:  # pylint: disable=broad-except
       rec["training_curve_eval_subset"] = {"error": str(e)}
-  curves, events = plot_curves(workdir, results, rec.path("png").replace(".png", "_curves.png"))
+  curves, events = plot_curves(workdir, results, rec.path("png").replace(".png", "_curves.png"),
+                               eval_name)
   rec["training_curve"] = curves
   rec["co_events"] = events
   plot_filters(rec, results, rec.path("png"))
@@ -362,12 +402,12 @@ def main(argv=None):
       rows.append([f"{which} (ep {res['checkpoint'].get('epoch', 0):.0f})", c + 0,
                    f"{st['norm']:.3f}", f"{st['outgoing_norm']:.3f}",
                    f"{st['laplace8_abs_cos']:.2f}", f"{z['grad_alignment']:.3f}",
-                   f"{100 * z['clean_acc']:.1f}", f"{100 * z['fgsm_acc']:.1f}",
+                   f"{100 * z['clean_acc']:.1f}", f"{100 * z['fgsm_point_acc']:.1f}",
                    f"{100 * z['pgd_acc']:.1f}" + (" ←largest" if c == top else "")])
     f = res["full"]
     rows.append([f"{which} (ep {res['checkpoint'].get('epoch', 0):.0f})", "none", "", "", "",
                  f"{f['grad_alignment']:.3f}", f"{100 * f['clean_acc']:.1f}",
-                 f"{100 * f['fgsm_acc']:.1f}", f"{100 * f['pgd_acc']:.1f}"])
+                 f"{100 * f['fgsm_point_acc']:.1f}", f"{100 * f['pgd_acc']:.1f}"])
   table = _common.fmt_table(["checkpoint", "zeroed filter", "‖w‖ of that filter",
                              "‖outgoing‖", "|cos Laplace8|", "grad. alignment",
                              "clean %", "acc. at x+δ_FGSM %", "PGD %"], rows)

@@ -1,7 +1,8 @@
 r"""Single-step methods and catastrophic overfitting (GradAlign Fig. 1 / Table 4's message).
 
 FGSM and FGSM-RS suffer catastrophic overfitting (CO) at larger ε (PGD accuracy
-collapses to ~0 while FGSM accuracy rises), FGSM + GradAlign does not. This
+collapses to ~0 while the accuracy at the FGSM point x + δ_FGSM rises), FGSM +
+GradAlign does not. This
 script trains each method at ε = 8/255 and 16/255 with
 `fastadv_jax.train.train_and_evaluate` (config overrides on
 configs/cifar10.py variants) and reports the final clean and PGD accuracy, the
@@ -30,6 +31,15 @@ The CO monitor (fastadv_jax.monitor) looks for a *drop* of PGD accuracy; when
 CO sets in before any PGD accuracy has built up there is nothing to drop from,
 so the table also reports the signature that remains: accuracy at x + δ_FGSM
 above clean accuracy while PGD accuracy is ~0.
+
+The per-epoch evaluation is the run's named evaluation `test`
+(`config.evals.test`; metrics.jsonl keys `test/...`, runs from before named
+evaluations logged `eval/...` and are read too). Each run's "curve" holds
+`fgsm_point` (accuracy at x + δ_FGSM whatever the clean prediction: the CO
+signature, what older logs called FGSM accuracy) and `fgsm_robust` (correct at
+x and at x + δ_FGSM; None for old logs); "last_eval" the last evaluation's
+metrics with the library's names (`fgsm_acc` robust, `fgsm_point_acc`), and the
+summary `fgsm_point_acc_last_eval_mean`.
 
   python experiments/co_single_vs_multi.py
   python experiments/co_single_vs_multi.py --full          # GPU, hours
@@ -64,9 +74,9 @@ def make_config(method: str, eps: float, seed: int, args, data_path: str):
   config.data.local_path = data_path
   config.data.train_subset = 0
   config.log_every_steps = 20
-  config.eval.n = args.eval_n
-  config.eval.pgd_steps = 10
-  config.eval.pgd_restarts = 1
+  # The per-epoch evaluation ("test", read by the CO monitor): the first eval_n
+  # points of the shuffled test split (= random points), PGD-10-1.
+  config.evals.test.update(n=args.eval_n, pgd_steps=10, pgd_restarts=1)
   config.final_eval.update(enabled=True, n=args.final_n, steps=args.final_steps,
                            restarts=args.final_restarts, rule="strict")
   if args.epochs:
@@ -83,12 +93,13 @@ def make_config(method: str, eps: float, seed: int, args, data_path: str):
     config.schedule.kwargs = ml_collections.ConfigDict(dict(peak_fraction=0.4))
     config.augment.update(padding=4, pad_mode="zero", flip=True, rotation=0.0)
     config.batch_size = 128
-    config.early_stopping.enabled = False
+    # best/ = the state of highest per-epoch PGD accuracy; no early stop.
+    config.best.update(eval="test", metric="pgd_acc", stop_on_drop=False)
   return config
 
 
 def run_one(method, eps, seed, args, data_path, progress):
-  from fastadv_jax import config_base  # pylint: disable=g-import-not-at-top
+  from fastadv_jax import methods  # pylint: disable=g-import-not-at-top
   from fastadv_jax import monitor  # pylint: disable=g-import-not-at-top
   from fastadv_jax import plotting  # pylint: disable=g-import-not-at-top
   from fastadv_jax import train  # pylint: disable=g-import-not-at-top
@@ -116,19 +127,22 @@ def run_one(method, eps, seed, args, data_path, progress):
     with open(wall_path, "w") as f:
       json.dump({"wall_time_s": wall}, f)
   records = plotting.read_metrics(workdir)
-  evals = [r for r in records if "eval/pgd_acc" in r]
+  # The per-epoch "test" evaluation (runs from before named evaluations, reused
+  # from the scratch directory, logged it as "eval/..."; read both).
+  evals = _common.eval_curve(records, "test")
+  last = _common.last_eval(summary, "test")
   final = summary.get("final_eval", {}).get("last", {})
   final_best = summary.get("final_eval", {}).get("best", {})
-  events = summary.get("co_events") or monitor.replay(records)
-  lam = {n: config_base.regularizer_weight(config, n) for n in config.regularizers}
+  events = summary.get("co_events") or monitor.replay(records, eval_name="test")
+  built = methods.build_method(config)
+  lam = {r.name: r.weight for r in built.regularizers}
   return {
       "method": method, "eps_255": eps, "seed": seed, "workdir": workdir,
       "reused_finished_run": reused,
       "wall_time_s": None if wall is None else round(wall, 1),  # training + evaluations
       "model": config.model.name, "model_kwargs": dict(config.model.kwargs),
       "attack": config.attack.name, "attack_step_255": (
-          None if config_base.step_pixels(config) is None
-          else config_base.step_pixels(config) * 255),
+          None if built.attack.step is None else built.attack.step * 255),
       "regularizers": lam, "epochs": config.num_epochs, "steps": summary.get("step"),
       "final_clean_acc": final.get("clean_acc"),
       "final_clean_n": final.get("n_clean"),
@@ -138,21 +152,28 @@ def run_one(method, eps, seed, args, data_path, progress):
       "best_checkpoint_pgd_acc": final_best.get("robust_acc"),
       "final_pgd_attack": (f"PGD-{config.final_eval.steps}-{config.final_eval.restarts} "
                            f"(α=ε/4, {config.final_eval.rule} restart rule)"),
-      "last_eval": {k.replace("eval/", ""): v for k, v in summary.get("last_eval", {}).items()},
-      "max_eval_pgd_acc": max((r["eval/pgd_acc"] for r in evals), default=None),
+      # The last per-epoch evaluation, unprefixed: fgsm_acc is robust (correct at
+      # x and x+δ_FGSM), fgsm_point_acc the accuracy at x+δ_FGSM.
+      "last_eval": last,
+      "max_eval_pgd_acc": max((r["pgd_acc"] for r in evals), default=None),
       "train_seconds": summary.get("train_seconds_this_session"),
       "co_monitor_fired": bool(events),
       # The monitor looks for a *drop* of PGD accuracy; when CO comes before any
       # robustness has built up (the CNN at ε=16) there is nothing to drop from.
       # The signature that remains: the training attack's perturbation *raises*
-      # accuracy (accuracy at x+δ_FGSM above clean accuracy) while PGD accuracy ~ 0.
+      # accuracy (accuracy at the FGSM point x+δ_FGSM above clean accuracy) while
+      # PGD accuracy ~ 0.
       "co_signature_last_eval": bool(evals) and (
-          evals[-1]["eval/fgsm_acc"] > evals[-1]["eval/clean_acc"] and
-          evals[-1]["eval/pgd_acc"] < 0.02),
+          evals[-1]["fgsm_point_acc"] > evals[-1]["clean_acc"] and
+          evals[-1]["pgd_acc"] < 0.02),
       "co_events": events,
-      "curve": [{"epoch": r["epoch"], "clean": r["eval/clean_acc"], "fgsm": r["eval/fgsm_acc"],
-                 "pgd": r["eval/pgd_acc"], "grad_alignment": r["eval/grad_alignment"],
-                 "cos_fgsm_pgd": r.get("eval/cos_fgsm_pgd")} for r in evals],
+      # fgsm_point: accuracy at x+δ_FGSM whatever the clean prediction (the CO
+      # signature; the old logs' "FGSM accuracy"); fgsm_robust: correct at x and
+      # at x+δ_FGSM (None for runs from before named evaluations).
+      "curve": [{"epoch": r["epoch"], "clean": r["clean_acc"],
+                 "fgsm_point": r["fgsm_point_acc"], "fgsm_robust": r.get("fgsm_acc"),
+                 "pgd": r["pgd_acc"], "grad_alignment": r["grad_alignment"],
+                 "cos_fgsm_pgd": r.get("cos_fgsm_pgd")} for r in evals],
   }
 
 
@@ -210,12 +231,14 @@ def main(argv=None):
       align = np.array([r["last_eval"].get("grad_alignment", np.nan) for r in rs], float)
       fired = sum(r["co_monitor_fired"] for r in rs)
       signature = sum(r["co_signature_last_eval"] for r in rs)
-      fgsm_last = np.array([r["last_eval"].get("fgsm_acc", np.nan) for r in rs], float) * 100
+      # Accuracy at the FGSM point (not the robust FGSM accuracy): the CO signature.
+      fgsm_last = np.array([r["last_eval"].get("fgsm_point_acc", np.nan) for r in rs],
+                           float) * 100
       summary.append({"method": method, "eps_255": eps, "n_seeds": len(rs),
                       "clean_mean": clean.mean(), "clean_std": clean.std(),
                       "pgd_mean": pgd.mean(), "pgd_std": pgd.std(),
                       "grad_alignment_last_mean": float(np.nanmean(align)),
-                      "fgsm_acc_last_eval_mean": float(np.nanmean(fgsm_last)),
+                      "fgsm_point_acc_last_eval_mean": float(np.nanmean(fgsm_last)),
                       "co_fired_runs": fired, "co_signature_runs": signature})
 
       def pm(v):
@@ -228,7 +251,7 @@ def main(argv=None):
       ["method", "ε (/255)", "clean % (full test set)",
        f"robust % ({attack}, n={args.final_n})",
        f"acc. at x+δ_FGSM % (last eval, n={args.eval_n})", "grad. alignment (last eval)",
-       "CO monitor fired", "CO signature (FGSM acc > clean, PGD < 2%)"], table_rows)
+       "CO monitor fired", "CO signature (acc. at x+δ_FGSM > clean, PGD < 2%)"], table_rows)
   print(table)
   rec["setting"] = {
       "scale": "full (GPU)" if args.full else "cpu",
@@ -254,7 +277,7 @@ def main(argv=None):
           ax.plot(xs, ys, marker="o", ms=3, color=f"C{k}",
                   label=method if r["seed"] == args.seeds[0] else None)
           if key == "pgd":
-            ax.plot(xs, [c["fgsm"] * 100 for c in r["curve"]], ls=":", color=f"C{k}")
+            ax.plot(xs, [c["fgsm_point"] * 100 for c in r["curve"]], ls=":", color=f"C{k}")
       ax.set(xlabel="epoch", ylabel=label, title=f"ε = {eps:g}/255" + (
           " (dotted: accuracy at x+δ_FGSM)" if key == "pgd" else ""))
       if key == "grad_alignment":

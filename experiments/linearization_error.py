@@ -52,7 +52,7 @@ def main(argv=None):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  from fastadv_jax import closures, evaluate, metrics, train  # pylint: disable=g-import-not-at-top
+  from fastadv_jax import closures, metrics, restore  # pylint: disable=g-import-not-at-top
   from cnn_filters import checkpoint_info  # pylint: disable=g-import-not-at-top
 
   rec = _common.Record("linearization_error", args)
@@ -63,14 +63,14 @@ def main(argv=None):
   results = {}
   for which in args.checkpoints:
     try:
-      model, variables, _ = train.restore_for_eval(args.workdir, which)
+      model, variables, _ = restore.restore_for_eval(args.workdir, which)
     except FileNotFoundError as e:
       print(f"skipping {which}: {e}")
       continue
-    logits_fn = evaluate.model_logits_fn(model, variables)
+    logits_fn = closures.eval_logits_fn(model, variables)
 
     @jax.jit
-    def curves(xb, yb, key, logits_fn=logits_fn):
+    def curves(logits_fn, xb, yb, key):
       loss_fn = closures.cross_entropy(logits_fn, yb)
       out = {}
       for direction in metrics.LINEARIZATION_DIRECTIONS:
@@ -86,7 +86,7 @@ def main(argv=None):
     steps = [(draw, i) for draw in range(draws) for i in range(0, n, args.batch)]
     for draw, i in tqdm(steps, desc=which, disable=args.no_progress):
       key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(args.seed), draw), i)
-      norms, out, losses = curves(jnp.asarray(x_all[i:i + args.batch]),
+      norms, out, losses = curves(logits_fn, jnp.asarray(x_all[i:i + args.batch]),
                                   jnp.asarray(y_all[i:i + args.batch]), key)
       for k, v in out.items():
         errs[k].append(np.asarray(v))

@@ -486,7 +486,7 @@ def free_step(loss_fn: LossClosure, x: Array, key: Array | None = None, *,
   replay or minibatch; zeros at the very start); new delta =
   box(clip_eps(delta + step * sign(g))).
 
-  How the train step uses it (through `FREE_CARRY`): in the original algorithm
+  How the train step uses it (through the spec's `CarriedPerturbation`): in the original algorithm
   the weight gradient is taken at x + delta *before* this update, from the same
   forward/backward pass, so one replay costs one pass; the train step does that
   by differentiating with respect to (params, delta) jointly and calling
@@ -818,8 +818,7 @@ def _noise_plus_step(noise_ratio: float):
 # N-FGSM's default noise half-width, 2ε (de Jorge et al. 2022).
 _N_FGSM_NOISE = 2.0
 
-register_attack("none", AttackSpec(no_attack, radius=lambda eps, step, kw: 0.0 * eps,
-                                   gradient_at_clean=lambda kw: True))
+register_attack("none", AttackSpec(no_attack, radius=lambda eps, step, kw: 0.0 * eps))
 register_attack("fgsm", AttackSpec(fgsm, default_step=1.0,
                                    gradient_at_clean=lambda kw: True))
 # α = 1.25ε: 10/255 at ε = 8/255 (Wong et al. 2020).

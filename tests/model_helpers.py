@@ -1,5 +1,6 @@
-"""Helpers shared by the model and interop tests."""
+"""Helpers shared by the model, interop and regularizer tests."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,3 +27,21 @@ def random_variables(model, seed, image_shape=(32, 32, 3)):
     return jnp.asarray(value, jnp.float32)
 
   return jax.tree_util.tree_map_with_path(fill, models.abstract_variables(model, image_shape))
+
+
+class TinyConvNet(nn.Module):
+  """A 2-filter conv net with BatchNorm and smooth activations (for float64
+  finite-difference checks: softplus keeps second derivatives continuous).
+
+  `__call__(x, train)` like the library's models, so `closures.logits_fn` and
+  `models.abstract_variables` work with it.
+  """
+  filters: int = 2
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(self.filters, (3, 3))(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+    x = nn.softplus(x)
+    return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))

@@ -1,7 +1,9 @@
-"""Tests for fastadv_jax.evaluate: batching, padding, devices, records, errors.
+"""Tests for fastadv_jax.evaluate: batching, padding, devices, records, errors,
+the robustness metrics and the named-evaluation schema.
 
-One tiny model (the single-layer CNN with 4 filters on 8x8 images), 10 points,
-PGD-5-2: every compiled shape is shared across the module through fixtures.
+Tiny models (the single-layer CNN with 4 filters on 8x8 images, and a conv +
+BatchNorm net for eval-mode BatchNorm), 10 points, PGD-5-2 or PGD-3: every
+compiled shape is shared across the module through fixtures.
 """
 
 import json
@@ -9,6 +11,7 @@ import os
 import sys
 import types
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -18,6 +21,7 @@ import pytest
 import fastadv_jax
 from fastadv_jax import closures
 from fastadv_jax import evaluate
+from fastadv_jax import metrics
 from fastadv_jax import models
 
 EPS = 8 / 255
@@ -31,7 +35,7 @@ def setup():
   variables = models.init_variables(model, jax.random.key(0), (8, 8, 3))
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (NUM, 8, 8, 3), dtype=np.uint8)
-  logits_fn = evaluate.model_logits_fn(model, variables)
+  logits_fn = closures.eval_logits_fn(model, variables)
   predictions = np.asarray(jnp.argmax(logits_fn(images.astype(np.float32) / 255), -1))
   labels = predictions.copy()
   labels[:3] = (labels[:3] + 1) % 10  # three clean mistakes
@@ -319,3 +323,242 @@ def test_autoattack_accuracy_and_record(setup):
   assert json.loads(json.dumps(record)) == record
   with pytest.raises(ValueError, match="one device"):
     evaluate.autoattack_accuracy(logits_fn, images, labels, 0, eps=EPS, num_devices=8)
+
+
+# ----------------------------------------------------------------------------
+# robustness_metrics: one engine, one definition.
+
+METRIC_PGD = dict(pgd_steps=3, pgd_restarts=2)
+TRACES = []  # shapes seen by BNNet.__call__ (eager calls, init and traces under jit)
+
+
+class BNNet(nn.Module):
+  """conv -> BatchNorm -> ReLU -> dense; records every (traced) call."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    TRACES.append(x.shape)
+    x = nn.Conv(4, (3, 3))(x)
+    x = nn.BatchNorm(use_running_average=not train)(x)
+    x = nn.relu(x).reshape(x.shape[0], -1)
+    return nn.Dense(10)(x)
+
+
+def _bn_variables(seed):
+  """Variables of BNNet with running statistics far from a batch's, so eval
+  mode differs from batch mode."""
+  variables = BNNet().init(jax.random.key(seed), jnp.zeros((1, 8, 8, 3)))
+  rng = np.random.default_rng(seed)
+  stats = variables["batch_stats"]["BatchNorm_0"]
+  return {"params": variables["params"], "batch_stats": {"BatchNorm_0": {
+      "mean": jnp.asarray(rng.uniform(-0.5, 0.5, stats["mean"].shape), jnp.float32),
+      "var": jnp.asarray(rng.uniform(0.2, 2.0, stats["var"].shape), jnp.float32)}}}
+
+
+@pytest.fixture(scope="module")
+def bn_setup(setup):
+  _, _, _, images, _ = setup
+  logits_fn = closures.eval_logits_fn(BNNet(), _bn_variables(1))
+  labels = np.asarray(jnp.argmax(logits_fn(images / 255.0), -1)).astype(np.int32)
+  labels[:3] = (labels[:3] + 1) % 10
+  return logits_fn, images, labels
+
+
+@pytest.fixture(scope="module")
+def bn_metrics(bn_setup):
+  logits_fn, images, labels = bn_setup
+  return evaluate.robustness_metrics(logits_fn, images, labels, 0, eps=EPS,
+                                     batch_size=4, num_devices=1, **METRIC_PGD)
+
+
+def test_robustness_metrics_definitions(bn_setup, bn_metrics):
+  logits_fn, images, labels = bn_setup
+  m = bn_metrics
+  assert set(m) == set(evaluate.METRICS) | {"n", "grad_alignment_n"}
+  assert m["n"] == NUM and m["grad_alignment_n"] == NUM
+  assert m["clean_acc"] == pytest.approx(0.7)
+  # robust means correct at x and at x + delta
+  assert m["pgd_acc"] <= m["clean_acc"] and m["fgsm_acc"] <= m["clean_acc"]
+  assert m["pgd_acc"] < m["clean_acc"]  # the attack bites
+  assert -1 <= m["cos_fgsm_pgd"] <= 1 and -1 <= m["grad_alignment"] <= 1
+  # the same per-example code as pgd_accuracy (which attacks only the
+  # clean-correct points): the same key and ids give the same accuracy
+  pgd = evaluate.pgd_accuracy(logits_fn, images, labels, 0, eps=EPS, batch_size=4,
+                              num_devices=1, steps=3, restarts=2, progress=False)
+  assert m["pgd_acc"] == pytest.approx(pgd.accuracy)
+  clean = evaluate.clean_accuracy(logits_fn, images, labels, batch_size=4,
+                                  num_devices=1)
+  assert m["clean_acc"] == pytest.approx(clean.accuracy)
+  # only the requested metrics are computed and returned
+  only = evaluate.robustness_metrics(logits_fn, images, labels, 0, eps=EPS,
+                                     metrics=["pgd_acc", "clean_acc"], batch_size=4,
+                                     num_devices=1, **METRIC_PGD)
+  assert only == {"clean_acc": m["clean_acc"], "pgd_acc": m["pgd_acc"], "n": NUM}
+
+
+def test_robustness_metrics_independent_of_batch_and_devices(bn_setup, bn_metrics):
+  assert jax.local_device_count() == 8
+  logits_fn, images, labels = bn_setup
+  for batch_size, num_devices in ((NUM, 1), (8, 8)):
+    other = evaluate.robustness_metrics(logits_fn, images, labels, 0, eps=EPS,
+                                        batch_size=batch_size, num_devices=num_devices,
+                                        **METRIC_PGD)
+    for name in ("clean_acc", "fgsm_acc", "pgd_acc", "n", "grad_alignment_n"):
+      assert other[name] == bn_metrics[name], (name, batch_size, num_devices)
+    for name in ("grad_alignment", "cos_fgsm_pgd"):
+      assert other[name] == pytest.approx(bn_metrics[name], abs=1e-5)
+  # another key gives other draws
+  other = evaluate.robustness_metrics(logits_fn, images, labels, 1, eps=EPS,
+                                      metrics=["grad_alignment"], batch_size=4,
+                                      num_devices=1)
+  assert other["grad_alignment"] != bn_metrics["grad_alignment"]
+
+
+def test_grad_alignment_matches_metrics_by_hand(bn_setup, bn_metrics):
+  """GradAlign Eq. 5 per example equals metrics.gradient_alignment on the batch
+  (eval-mode BatchNorm: the examples do not interact) with the same eta."""
+  logits_fn, images, labels = bn_setup
+  x = jnp.asarray(images, jnp.float32) / 255.0
+  key = jax.random.key(0)
+
+  def eta(i):
+    key_eta = jax.random.split(jax.random.fold_in(key, i))[1]
+    return jax.random.uniform(key_eta, (1,) + x.shape[1:], jnp.float32, -EPS, EPS)[0]
+
+  etas = jnp.stack([eta(i) for i in range(NUM)])
+  cos, valid = metrics.gradient_alignment(closures.cross_entropy(logits_fn, labels), x,
+                                          eps=EPS, eta=etas, reduce="none",
+                                          return_valid=True)
+  assert bool(jnp.all(valid))
+  assert bn_metrics["grad_alignment"] == pytest.approx(float(jnp.mean(cos)), abs=1e-5)
+
+
+def test_grad_alignment_mean_drops_zero_gradients(setup):
+  """Examples with an exactly zero input gradient are left out of the mean; a
+  plain Python callable works as the closure."""
+  _, _, _, images, _ = setup
+  w = jnp.asarray(np.random.default_rng(0).normal(size=(8 * 8 * 3, 10)), jnp.float32)
+
+  def dead_below_half(x):  # ReLU dead everywhere below 0.6: zero gradient there
+    return jax.nn.relu(x - 0.6).reshape(x.shape[0], -1) @ w
+
+  x = images.astype(np.float32) / 255.0
+  x[:4] *= 0.5  # all pixels < 0.5, also after eta: zero gradients
+  labels = np.zeros(NUM, np.int32)
+  m = evaluate.robustness_metrics(dead_below_half, x, labels, 0, eps=EPS,
+                                  metrics=["grad_alignment"], batch_size=NUM,
+                                  num_devices=1)
+  assert m["grad_alignment_n"] == NUM - 4
+  by_hand = evaluate.robustness_metrics(dead_below_half, x[4:], labels[4:], 0, eps=EPS,
+                                        metrics=["grad_alignment"], batch_size=NUM,
+                                        num_devices=1, example_ids=np.arange(4, NUM))
+  assert m["grad_alignment"] == pytest.approx(by_hand["grad_alignment"], abs=1e-6)
+
+
+def test_eps_and_checkpoint_do_not_retrace(bn_setup):
+  """eps and the step are traced arguments, the weights are leaves of the
+  closure: a new radius or another checkpoint of the model reuses the program."""
+  _, images, _ = bn_setup
+  kwargs = dict(metrics=["clean_acc", "pgd_acc"], batch_size=4, num_devices=1,
+                pgd_steps=2)
+  first = closures.eval_logits_fn(BNNet(), _bn_variables(2))
+  second = closures.eval_logits_fn(BNNet(), _bn_variables(3))  # (init traces too)
+  labels = np.asarray(jnp.argmax(first(images / 255.0), -1)).astype(np.int32)
+  labels2 = np.asarray(jnp.argmax(second(images / 255.0), -1)).astype(np.int32)
+  labels2[:3] = (labels2[:3] + 1) % 10
+  result = evaluate.robustness_metrics(first, images, labels, 0, eps=EPS, **kwargs)
+  assert result["clean_acc"] == 1.0  # all points attacked
+  traced = len(TRACES)
+  evaluate.robustness_metrics(first, images, labels, 0, eps=2 / 255, **kwargs)
+  # another checkpoint, another key, step and radius; fewer clean-correct
+  # points (the attacked subset keeps the batch shape)
+  other = evaluate.robustness_metrics(second, images, labels2, 3, eps=4 / 255,
+                                      pgd_step=1 / 255, **kwargs)
+  assert 0 < other["clean_acc"] < 1  # a subset is attacked
+  assert len(TRACES) == traced
+  # a different static setting does compile anew
+  evaluate.robustness_metrics(first, images, labels, 0, eps=EPS,
+                              **dict(kwargs, pgd_steps=1))
+  assert len(TRACES) > traced
+
+
+def test_robustness_metrics_bad_arguments(bn_setup):
+  logits_fn, images, labels = bn_setup
+  with pytest.raises(ValueError, match="metric.*'pgd'.*clean_acc"):
+    evaluate.robustness_metrics(logits_fn, images, labels, 0, eps=EPS, metrics=["pgd"])
+  with pytest.raises(ValueError, match="metrics"):
+    evaluate.robustness_metrics(logits_fn, images, labels, 0, eps=EPS, metrics=[])
+  with pytest.raises(ValueError, match="pgd_steps.*0"):
+    evaluate.robustness_metrics(logits_fn, images, labels, 0, eps=EPS, pgd_steps=0)
+  with pytest.raises(ValueError, match="restart rule.*'best'"):
+    evaluate.robustness_metrics(logits_fn, images, labels, 0, eps=EPS, rule="best")
+
+
+# ----------------------------------------------------------------------------
+# Named evaluations.
+
+
+def test_resolve_evals_fills_defaults_and_accepts_configdict():
+  evals = ml_collections.ConfigDict({"test": {"n": 500, "metrics": ["pgd_acc"]},
+                                     "final": {"every_epochs": 0, "at_end": True,
+                                               "pgd_steps": 50, "pgd_restarts": 10}})
+  resolved = evaluate.resolve_evals(evals, split_sizes={"test": 10000, "train": 50000})
+  assert resolved["test"] == dict(evaluate.EVAL_DEFAULTS, n=500, metrics=["pgd_acc"])
+  assert resolved["final"]["pgd_restarts"] == 10 and resolved["final"]["at_end"]
+  assert json.loads(json.dumps(resolved)) == resolved  # serializable
+  evaluate.validate_evals({})  # no evaluations is fine
+
+
+BAD_EVALS = [
+    # (entry, split_sizes, message fragments: the eval, the key, the value, the choices)
+    ({"spilt": "test"}, None, r"evals\['e'\].*unknown key 'spilt'.*'split'"),
+    ({"split": "val"}, None, r"evals\['e'\]\.split='val'.*'test'"),
+    ({"split": "val"}, {"test": 10, "holdout": 5}, r"split='val'.*'holdout'"),
+    ({"n": 0}, None, r"evals\['e'\]\.n=0.*>= 1"),
+    ({"n": 2.5}, None, r"n=2\.5.*integer"),
+    ({"n": 11}, {"test": 10}, r"n=11.*'test' split \(10 examples\)"),
+    ({"selection": "last"}, None, r"selection='last'.*\['random', 'first'\]"),
+    ({"every_epochs": -1}, None, r"every_epochs=-1.*>= 0"),
+    ({"every_epochs": 1, "every_steps": 100}, None, r"every_epochs=1 and every_steps=100"),
+    ({"every_epochs": 0}, None, r"never run"),
+    ({"at_end": "yes"}, None, r"at_end='yes'"),
+    ({"batch_size": 0}, None, r"batch_size=0"),
+    ({"metrics": ["pgd_acc", "auto_acc"]}, None, r"metric 'auto_acc'.*'clean_acc'"),
+    ({"metrics": []}, None, r"metrics=\[\].*non-empty"),
+    ({"metrics": "pgd_acc"}, None, r"metrics='pgd_acc'"),
+    ({"metrics": ["pgd_acc", "pgd_acc"]}, None, r"twice"),
+    ({"pgd_steps": 0}, None, r"pgd_steps=0"),
+    ({"pgd_restarts": True}, None, r"pgd_restarts=True"),
+    ({"pgd_step_fraction": 0.0}, None, r"pgd_step_fraction=0\.0"),
+    ({"rule": "best"}, None, r"rule='best'.*\['strict', 'max_loss'\]"),
+]
+
+
+@pytest.mark.parametrize("entry,split_sizes,message", BAD_EVALS)
+def test_validate_evals_rejects(entry, split_sizes, message):
+  with pytest.raises(ValueError, match=message):
+    evaluate.validate_evals({"e": entry}, split_sizes=split_sizes)
+
+
+def test_validate_evals_rejects_bad_names_and_entries():
+  with pytest.raises(ValueError, match="name 'test/pgd'"):
+    evaluate.validate_evals({"test/pgd": {}})
+  with pytest.raises(ValueError, match=r"evals\['e'\] must be a dict.*list"):
+    evaluate.validate_evals({"e": ["n", 3]})
+  with pytest.raises(ValueError, match="evals must be a dict"):
+    evaluate.validate_evals([("e", {})])
+
+
+def test_run_named_eval_selects_points_with_their_ids(bn_setup, bn_metrics):
+  logits_fn, images, labels = bn_setup
+  settings = dict(n=6, selection="random", seed=0, batch_size=4, pgd_steps=3,
+                  pgd_restarts=2)
+  result = evaluate.run_named_eval(settings, logits_fn, images, labels, 0, eps=EPS,
+                                   num_devices=1)
+  indices = evaluate.select_indices(NUM, 6, "random", 0)
+  direct = evaluate.robustness_metrics(
+      logits_fn, images[indices], labels[indices], 0, eps=EPS, batch_size=4,
+      num_devices=1, example_ids=indices, **METRIC_PGD)
+  assert result == direct and result["n"] == 6
+  with pytest.raises(ValueError, match="n=11"):
+    evaluate.run_named_eval(dict(settings, n=11), logits_fn, images, labels, 0, eps=EPS)

@@ -27,47 +27,11 @@ from fastadv_jax import train
 from fastadv_jax import train_state
 from fastadv_jax import train_step
 from fastadv_jax.train_state import AXIS
+import method_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (8, 8, 3)
 BATCH = 8
-
-# One row per registered attack: the config's attack section for the wiring
-# test (a registered attack without a row fails the test).
-ATTACK_ROWS = {
-    "none": {},
-    "fgsm": {},
-    "fgsm_rs": {},
-    "pgd": {"step_eps_ratio": 0.5, "kwargs": {"steps": 2, "random_start": False}},
-    "zerograd": {"kwargs": {"q": 0.35}},
-    "multigrad": {"kwargs": {"num_starts": 2}},
-    "n_fgsm": {},
-    "fgsm_n": {},
-    "random_corner": {},
-    "pgd_corner": {"step_eps_ratio": 0.5, "kwargs": {"steps": 2}},
-    "free": {"kwargs": {"replays": 2}},
-}
-# One row per registered regularizer: its config section (λ and hyperparameters).
-REGULARIZER_ROWS = {
-    "grad_align": {"weight": 0.2},
-    "cure": {"weight": 1.0, "scale": "batch_mean"},
-    "input_grad_norm": {"weight": 1.0, "scale": "batch_mean"},
-    "advlc": {"weight": 0.5},
-    "advlc_l1": {"weight": 0.5, "clean_point": "start"},
-    "advlc_l2": {"weight": 0.5},
-    "advlc_kl": {"weight": 0.5},
-    "advlc_js": {"weight": 0.5},
-    "advlc_nuclear": {"weight": 0.5},
-    "elle": {"weight": 100.0},
-}
-
-
-def test_every_registered_method_has_a_row():
-  assert set(attacks.ATTACK_SPECS) == set(ATTACK_ROWS), (
-      "add a row to ATTACK_ROWS for each registered attack")
-  assert set(regularizers.REGULARIZER_SPECS) == set(REGULARIZER_ROWS), (
-      "add a row to REGULARIZER_ROWS for each registered regularizer")
-
 
 def pair_config(attack_name, *reg_names):
   config = config_base.load_config_file(os.path.join(REPO, "configs", "cifar10.py"), "fgsm")
@@ -75,12 +39,14 @@ def pair_config(attack_name, *reg_names):
   config.model.kwargs = ml_collections.ConfigDict({"filters": 2})
   config.dtype = "float32"
   config.batch_size = BATCH
-  row = ATTACK_ROWS[attack_name]
+  # The attack's test-table row, as a config section (the step in /255).
+  kwargs = dict(method_rows.attack_row(attack_name)["kwargs"])
   config.attack.name = attack_name
-  config.attack.step_eps_ratio = row.get("step_eps_ratio")
-  config.attack.kwargs = ml_collections.ConfigDict(row.get("kwargs", {}))
+  config.attack.step = kwargs.pop("step") * 255 if "step" in kwargs else None
+  config.attack.kwargs = ml_collections.ConfigDict(kwargs)
   config.regularizers = ml_collections.ConfigDict(
-      {name: dict(REGULARIZER_ROWS[name], lambda_rule="") for name in reg_names})
+      {name: dict(method_rows.regularizer_row(name), weight=1.0, lambda_rule="")
+       for name in reg_names})
   return config
 
 
@@ -97,7 +63,7 @@ def step_and_standalone(attack_name):
   One train step with every registered regularizer at once: each reports its
   own value, and the quantities it consumes do not depend on the others.
   """
-  config = pair_config(attack_name, *sorted(REGULARIZER_ROWS))
+  config = pair_config(attack_name, *sorted(regularizers.REGULARIZER_SPECS))
   method = config_base.validate_config(config)
   model = train_state.create_model(config)
   tx = train_state.create_optimizer(config, 10)
@@ -149,7 +115,7 @@ def step_and_standalone(attack_name):
   return values
 
 
-@pytest.mark.parametrize("attack_name", sorted(ATTACK_ROWS))
+@pytest.mark.parametrize("attack_name", sorted(attacks.ATTACK_SPECS))
 def test_regularizer_values_in_the_step_equal_their_definitions(attack_name):
   """Every (attack, regularizer) pair: the step builds what each spec consumes."""
   mismatches = [f"{reg}: step {a:.6g} vs definition {b:.6g}"
@@ -165,9 +131,9 @@ def test_gradient_reuse_follows_the_spec():
     method = methods.build_method(pair_config(name, "cure"))
     assert method.attack.gradient_at_clean is expect, name
   pgd = pair_config("pgd", "cure")
+  assert not methods.build_method(pgd).attack.gradient_at_clean  # random start
+  pgd.attack.kwargs.random_start = False
   assert methods.build_method(pgd).attack.gradient_at_clean
-  pgd.attack.kwargs.random_start = True
-  assert not methods.build_method(pgd).attack.gradient_at_clean
 
 
 def test_method_converts_units_once():

@@ -199,8 +199,10 @@ def _every_k(compute: Callable[[], Array], every: int, step_index: Any,
     return compute()
   if step_index is None:
     raise ValueError(f"every={every} needs the training step index (step_index=...).")
+  # The skipped branch returns a zero of the computed value's dtype (float64 too).
+  shape_dtype = jax.eval_shape(compute)
   value = jax.lax.cond(jnp.asarray(step_index) % every == 0, compute,
-                       lambda: jnp.zeros((), jnp.float32))
+                       lambda: jnp.zeros(shape_dtype.shape, shape_dtype.dtype))
   return value * every if scale_by_every else value
 
 
@@ -346,7 +348,9 @@ def cure(loss_fn: LossClosure, x: Array, *, eps: Any, scale: str = "per_example"
     formulation: as in `exact_grad_penalty`.
     clip: clip x + δ to the box [0, 1].
     grad_x: ∇ₓℓ(x) if already known (e.g. FGSM's `grad_at_start`), saves one
-      backward pass.
+      backward pass. It must be the gradient at the current parameters: with
+      reverse-over-forward it is used as the value of a gradient whose
+      parameter derivative is taken (the train step guarantees this).
   Returns:
     The scalar penalty (not yet multiplied by λ).
   """
