@@ -245,7 +245,7 @@ def fake_run(setup, monkeypatch, tmp_path):
     assert kwargs["local_path"] == "/nowhere"
     return images, labels
 
-  for name, attr, fn in (("train", "restore_for_eval", restore_for_eval),
+  for name, attr, fn in (("restore", "restore_for_eval", restore_for_eval),
                          ("data", "load_split", load_split)):
     try:
       module = __import__(f"fastadv_jax.{name}", fromlist=[attr])
