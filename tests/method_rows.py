@@ -56,3 +56,11 @@ def regularizer_row(name):
                 f"has no row in REGULARIZER_ROWS of tests/method_rows.py; add its "
                 f"hyperparameters for the generic checks.")
   return REGULARIZER_ROWS[name]
+
+
+def assert_rows_match(kind: str, registry, rows) -> None:
+  """Every registered `kind` has a row and every row a registered `kind`."""
+  missing = sorted(set(registry) - set(rows))
+  stale = sorted(set(rows) - set(registry))
+  assert not missing, f"registered {kind}s without a row in tests/method_rows.py: {missing}"
+  assert not stale, f"rows in tests/method_rows.py for {kind}s not registered: {stale}"

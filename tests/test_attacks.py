@@ -153,11 +153,7 @@ def _resolved_step(name, kwargs, eps=EPS):
 # ----------------------------------------------------------------------------
 
 def test_every_registered_attack_has_a_row_and_no_row_is_stale():
-  missing = sorted(set(attacks.ATTACK_SPECS) - set(ATTACK_ROWS))
-  stale = sorted(set(ATTACK_ROWS) - set(attacks.ATTACK_SPECS))
-  assert not missing, (f"registered attacks without a ATTACK_ROWS row in "
-                       f"tests/method_rows.py: {missing}")
-  assert not stale, f"ATTACK_ROWS rows for attacks that are not registered: {stale}"
+  method_rows.assert_rows_match("attack", attacks.ATTACK_SPECS, ATTACK_ROWS)
 
 
 def test_registry_views_and_specs_are_consistent():

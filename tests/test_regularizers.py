@@ -223,11 +223,7 @@ def test_differentiating_both_gradients_changes_the_gradient(float64_results):
 # ---------------------------------------------------------------------------
 
 def test_every_registered_regularizer_has_a_row_and_no_row_is_stale():
-  missing = sorted(set(R.REGULARIZER_SPECS) - set(REGULARIZER_ROWS))
-  stale = sorted(set(REGULARIZER_ROWS) - set(R.REGULARIZER_SPECS))
-  assert not missing, (f"registered regularizers without a REGULARIZER_ROWS row in "
-                       f"tests/method_rows.py: {missing}")
-  assert not stale, f"REGULARIZER_ROWS rows for regularizers that are not registered: {stale}"
+  method_rows.assert_rows_match("regularizer", R.REGULARIZER_SPECS, REGULARIZER_ROWS)
 
 
 @pytest.mark.parametrize("name", sorted(R.REGULARIZER_SPECS))
