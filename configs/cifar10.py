@@ -181,8 +181,7 @@ def get_config(variant: str = "gradalign") -> ml_collections.ConfigDict:
     attack.name = "fgsm"
     config.regularizers.elle = _regularizer(weight=1000.0)
   else:
-    raise ValueError(
-        f"Unknown CIFAR-10 variant {variant!r}; choose one of {sorted(VARIANTS)}.")
+    config_base.check_variant("CIFAR-10", variant, VARIANTS)
   config.variant = variant
   return config
 

@@ -27,8 +27,7 @@ VARIANTS = ("zerograd", "multigrad", "fgsm_rs", "gradalign")
 
 
 def get_config(variant: str = "zerograd") -> ml_collections.ConfigDict:
-  if variant not in VARIANTS:
-    raise ValueError(f"Unknown CIFAR-100 variant {variant!r}; choose one of {sorted(VARIANTS)}.")
+  config_base.check_variant("CIFAR-100", variant, VARIANTS)
   config = _cifar10_config(variant)
   config.dataset = "cifar100"
   config.num_classes = 100

@@ -26,8 +26,7 @@ VARIANTS = ("fgsm_rs", "gradalign")
 
 
 def get_config(variant: str = "fgsm_rs") -> ml_collections.ConfigDict:
-  if variant not in VARIANTS:
-    raise ValueError(f"Unknown ImageNet variant {variant!r}; choose one of {sorted(VARIANTS)}.")
+  config_base.check_variant("ImageNet", variant, VARIANTS)
   config = config_base.base_config()
   config.variant = variant
   config.dataset = "imagenet2012"

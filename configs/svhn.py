@@ -31,8 +31,7 @@ VARIANTS = ("gradalign", "fgsm_rs", "pgd2_gradalign", "zerograd", "free")
 
 
 def get_config(variant: str = "gradalign") -> ml_collections.ConfigDict:
-  if variant not in VARIANTS:
-    raise ValueError(f"Unknown SVHN variant {variant!r}; choose one of {sorted(VARIANTS)}.")
+  config_base.check_variant("SVHN", variant, VARIANTS)
   config = _cifar10_config(variant)
   config.dataset = "svhn_cropped"
   config.num_classes = 10

@@ -335,7 +335,7 @@ def main(argv=None):
   config = None
   for which in args.checkpoints:
     try:
-      model, variables, config = restore.restore_for_eval(workdir, which)
+      model, variables, config, _ = restore.restore_for_eval(workdir, which)
     except FileNotFoundError as e:
       print(f"skipping {which}: {e}")
       continue

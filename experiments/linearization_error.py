@@ -63,7 +63,7 @@ def main(argv=None):
   results = {}
   for which in args.checkpoints:
     try:
-      model, variables, _ = restore.restore_for_eval(args.workdir, which)
+      model, variables, _, _ = restore.restore_for_eval(args.workdir, which)
     except FileNotFoundError as e:
       print(f"skipping {which}: {e}")
       continue

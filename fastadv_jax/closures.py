@@ -196,6 +196,9 @@ class LossFn:
 
   def with_aux(self, x: Array) -> tuple[Array, LossAux]:
     logits = self.logits_fn(x)
+    check_labels(self.labels, logits.shape, "labels")
+    if self.targets is not None:
+      check_labels(self.targets, logits.shape, "targets")
     if self.targets is None:
       losses = self.per_example(logits, self.labels)
     else:
@@ -205,6 +208,29 @@ class LossFn:
 
   def __call__(self, x: Array) -> Array:
     return self.with_aux(x)[0]
+
+
+def check_labels(labels: Any, logits_shape: tuple[int, ...], what: str = "labels") -> None:
+  """Raises a ValueError for labels that do not fit the logits.
+
+  The batch size (static) is checked always, even while tracing; the class
+  range only for concrete labels (a traced value cannot be inspected without
+  a host sync). Out-of-range labels would otherwise give a NaN or a wrong loss
+  silently (one_hot of an out-of-range class is all zeros).
+  """
+  shape = np.shape(labels)
+  if len(shape) != 1 or shape[0] != logits_shape[0]:
+    raise ValueError(f"{what} has shape {shape}; expected ({logits_shape[0]},), one "
+                     f"label per example of the batch.")
+  if _checks.is_concrete(labels):
+    values = np.asarray(labels)
+    if not np.issubdtype(values.dtype, np.integer):
+      raise ValueError(f"{what} must be integers, got dtype {values.dtype}.")
+    num_classes = logits_shape[-1]
+    bad = values[(values < 0) | (values >= num_classes)]
+    if bad.size:
+      raise ValueError(f"{what} holds {bad[0]}, outside [0, {num_classes - 1}] for a "
+                       f"model with {num_classes} classes.")
 
 
 def _at_least_float32(logits: Array) -> Array:

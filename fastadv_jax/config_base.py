@@ -102,6 +102,12 @@ def default_eval(**overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(settings)
 
 
+def check_variant(what: str, variant: str, variants) -> None:
+  """Raises a ValueError for an unknown config variant, with a "did you mean"."""
+  from fastadv_jax import methods  # pylint: disable=g-import-not-at-top
+  methods.check_name(f"{what} variant", variant, variants)
+
+
 def load_config_file(path: str, variant: str | None = None):
   """Loads a config file (`configs/<dataset>.py`) as a module, or its `get_config(variant)`.
 
@@ -119,6 +125,89 @@ def load_config_file(path: str, variant: str | None = None):
   return module if variant is None else module.get_config(variant)
 
 
+# Numeric settings outside the method sections: (dotted name, kind, min, max).
+# `int` fields take integers only; `float` fields any finite real number.
+FIELD_RULES = (
+    ("seed", int, 0, 2**31 - 1),
+    ("num_classes", int, 2, None),
+    ("num_epochs", int, 1, None),
+    ("batch_size", int, 1, None),
+    ("log_every_steps", int, 1, None),
+    ("checkpoint_every_steps", int, 0, None),
+    ("keep_checkpoints", int, 1, None),
+    ("data.train_subset", int, 0, None),
+    ("eps", float, 0.0, 255.0),
+    ("schedule.lr_max", float, 0.0, None),
+    ("augment.padding", int, 0, None),
+    ("augment.rotation", float, 0.0, 180.0),
+    ("warmup.epochs", float, 0.0, None),
+    ("swa.start_epoch", int, 0, None),
+    ("swa.bn_batches", int, 1, None),
+    ("best.drop", float, 0.0, 1.0),
+    ("final_eval.n", int, 1, None),
+    ("final_eval.steps", int, 1, None),
+    ("final_eval.restarts", int, 1, None),
+    ("final_eval.batch_size", int, 1, None),
+    ("co_monitor.max_rollbacks", int, 0, None),
+)
+# Examples per split of the datasets as TFDS serves them (a local copy may differ;
+# the loop checks again against the data it loaded).
+SPLIT_SIZES = {"cifar10": {"train": 50000, "test": 10000},
+               "cifar100": {"train": 50000, "test": 10000},
+               "svhn_cropped": {"train": 73257, "test": 26032},
+               "imagenet2012": {"train": 1281167, "test": 50000}}
+
+
+def _get(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def check_fields(config) -> None:
+  """Checks every `FIELD_RULES` entry: type and range, naming the field and value."""
+  import math  # pylint: disable=g-import-not-at-top
+  import numbers  # pylint: disable=g-import-not-at-top
+  for name, kind, low, high in FIELD_RULES:
+    value = _get(config, name)
+    if kind is int:
+      ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+      must = "an integer"
+    else:
+      ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value))
+      must = "a finite number"
+    if not ok:
+      raise ValueError(f"{name}={value!r} must be {must}.")
+    if (low is not None and value < low) or (high is not None and value > high):
+      bounds = (f"in [{low}, {high}]" if high is not None else f">= {low}")
+      raise ValueError(f"{name}={value!r} must be {bounds}.")
+
+
+def check_sizes(config, num_train: int | None, num_test: int | None) -> None:
+  """Checks the sizes a config asks for against the splits (None: unknown).
+
+  train_subset and the batch size against the training set, final_eval.n and
+  each evaluation's n against its split.
+  """
+  from fastadv_jax import evaluate  # pylint: disable=g-import-not-at-top
+  if num_train is not None:
+    if config.data.train_subset > num_train:
+      raise ValueError(f"data.train_subset={config.data.train_subset} is larger than the "
+                       f"{config.dataset} training set ({num_train} examples).")
+    if config.data.train_subset:
+      num_train = config.data.train_subset
+    if config.batch_size > num_train:
+      raise ValueError(f"batch_size={config.batch_size} is larger than the training set "
+                       f"({num_train} examples).")
+  if num_test is not None and config.final_eval.enabled and config.final_eval.n > num_test:
+    raise ValueError(f"final_eval.n={config.final_eval.n} is larger than the "
+                     f"{config.dataset} test set ({num_test} examples).")
+  evaluate.validate_evals({k: dict(v) for k, v in config.evals.items()},
+                          split_sizes={"test": num_test, "train": num_train})
+
+
 def _choice(what: str, value: Any, choices) -> None:
   from fastadv_jax import methods  # pylint: disable=g-import-not-at-top
   methods.check_name(what, value, choices)
@@ -134,6 +223,7 @@ def validate_config(config, num_devices: int = 1):
   from fastadv_jax import evaluate, methods, models, schedules  # pylint: disable=g-import-not-at-top
 
   _choice("dataset", config.dataset, DATASETS)
+  check_fields(config)
   if config.num_classes != DATASETS[config.dataset]:
     raise ValueError(f"num_classes={config.num_classes} but {config.dataset} has "
                      f"{DATASETS[config.dataset]} classes.")
@@ -143,11 +233,7 @@ def validate_config(config, num_devices: int = 1):
   method = methods.build_method(config)
   _choice("optimizer.name", config.optimizer.name, OPTIMIZERS)
   _choice("schedule.name", config.schedule.name, schedules.SCHEDULES)
-  if config.schedule.lr_max < 0:
-    raise ValueError(f"schedule.lr_max={config.schedule.lr_max} must be >= 0.")
-  if config.num_epochs <= 0:
-    raise ValueError(f"num_epochs={config.num_epochs} must be > 0.")
-  if config.batch_size <= 0 or config.batch_size % num_devices:
+  if config.batch_size % num_devices:
     raise ValueError(
         f"batch_size={config.batch_size} must be a positive multiple of the "
         f"number of devices ({num_devices}).")
@@ -163,9 +249,11 @@ def validate_config(config, num_devices: int = 1):
                        "ImageNet's progressive resizing.")
   _choice("augment.pad_mode", config.augment.pad_mode, ("zero", "reflect"))
   _choice("final_eval.rule", config.final_eval.rule, ("strict", "max_loss"))
-  evaluate.validate_evals(
-      {k: dict(v) for k, v in config.evals.items()},
-      split_sizes={"test": evaluate.TEST_SET_SIZES.get(config.dataset)})
+  if config.data.source == "local" or config.dataset == "imagenet2012":
+    check_sizes(config, None, None)  # the loop checks against the data it loads
+  else:
+    sizes = SPLIT_SIZES[config.dataset]
+    check_sizes(config, sizes["train"], sizes["test"])
   for what, section in (("best", config.best), ("co_monitor", config.co_monitor)):
     if what == "co_monitor" and not section.enabled:
       continue

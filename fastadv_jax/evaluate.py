@@ -988,6 +988,7 @@ def save_record(record: dict, path: str) -> str:
       f.write(text)
       f.flush()
       os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide records from other users
     number = 0
     while True:
       target = _numbered(path, number)
@@ -1020,7 +1021,7 @@ def evaluate_workdir(workdir: str, *, checkpoint: str = "best", attack: str = "p
                      n: int = 1000, seed: int = 0, eps: float | None = None,
                      batch_size: int = 250, steps: int = 50, restarts: int = 10,
                      step: float | None = None, rule: str = "strict",
-                     loss: str = "ce", selection: str = "random",
+                     loss: str = "ce", selection: str = "first",
                      autoattack_kwargs: dict | None = None,
                      num_devices: int | None = None, out: str | None = None,
                      progress: bool = True) -> dict:
@@ -1044,7 +1045,8 @@ def evaluate_workdir(workdir: str, *, checkpoint: str = "best", attack: str = "p
     eps: L∞ radius in [0, 1] pixel units; None: the run's `config.eps`.
     batch_size, steps, restarts, step, rule, loss: the attack (see
       `pgd_accuracy`; steps/restarts/step/rule/loss are PGD settings).
-    selection: "random" or "first".
+    selection: "first" (the first n test points, as training's final
+      evaluation) or "random" (n points drawn with `seed`).
     autoattack_kwargs: further AutoAttack settings (e.g. {"n_iter": 10}).
     num_devices: devices (None: all local devices).
     out: record path (default under `workdir/eval/`).
@@ -1076,7 +1078,7 @@ def evaluate_workdir(workdir: str, *, checkpoint: str = "best", attack: str = "p
     raise FileNotFoundError(f"No such work directory: {workdir!r}.")
 
   from fastadv_jax import restore  # pylint: disable=g-import-not-at-top
-  model, variables, config = restore.restore_for_eval(workdir, checkpoint)
+  model, variables, config, checkpoint_step = restore.restore_for_eval(workdir, checkpoint)
   dataset = str(config.dataset)
   size = TEST_SET_SIZES.get(dataset)
   if size is not None and n > size:
@@ -1093,6 +1095,7 @@ def evaluate_workdir(workdir: str, *, checkpoint: str = "best", attack: str = "p
 
   logits_fn = closures.eval_logits_fn(model, variables)
   metadata = {"workdir": os.path.abspath(workdir), "checkpoint": checkpoint,
+              "checkpoint_step": checkpoint_step,
               "model": _config_get(config, "model.name"),
               "model_kwargs": _config_get(config, "model.kwargs"),
               "train_attack": _config_get(config, "attack.name"),
@@ -1103,7 +1106,8 @@ def evaluate_workdir(workdir: str, *, checkpoint: str = "best", attack: str = "p
                     autoattack_kwargs=autoattack_kwargs, num_devices=num_devices,
                     dataset=dataset, metadata=metadata, progress=progress)
   if out is None:
-    out = os.path.join(workdir, "eval", f"{checkpoint}_{attack}_n{n}_seed{seed}.json")
+    out = os.path.join(workdir, "eval",
+                       f"{checkpoint}_{attack}_n{n}_{selection}_seed{seed}.json")
   path = save_record(record, out)
   return dict(record, path=path)
 

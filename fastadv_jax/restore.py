@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from typing import Any, NamedTuple
+
 import jax
 import ml_collections
 
@@ -13,8 +15,16 @@ from fastadv_jax.train_state import create_model
 CHECKPOINTS = ("best", "last", "swa")
 
 
+class Restored(NamedTuple):
+  """A trained state ready for evaluation, and where it came from."""
+  model: Any
+  variables: dict
+  config: ml_collections.ConfigDict
+  step: int  # the training step of the checkpoint that was read
+
+
 def restore_for_eval(workdir: str, which: str = "best"):
-  """Loads (model, variables, config) of the `which` state of a run.
+  """Loads `Restored(model, variables, config, step)` of the `which` state of a run.
 
   `which`: "best" (best monitored PGD accuracy), "last", or "swa" (the weight
   average of the last checkpoint, when the run used config.swa).
@@ -42,7 +52,7 @@ def restore_for_eval(workdir: str, which: str = "best"):
   ckpt.close()
   if full is None:
     raise FileNotFoundError(f"No {which!r} checkpoint in {directory}.")
-  restored = full[1]
+  step, restored = full[0], full[1]
   if which == "swa":
     if not restored.get("swa"):
       raise ValueError(f"The run in {workdir!r} did not use SWA (config.swa.enabled).")
@@ -50,4 +60,4 @@ def restore_for_eval(workdir: str, which: str = "best"):
   variables = {"params": restored["params"]}
   if jax.tree_util.tree_leaves(restored.get("batch_stats", {})):
     variables["batch_stats"] = restored["batch_stats"]
-  return model, variables, config
+  return Restored(model, variables, config, int(step))

@@ -35,67 +35,19 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from fastadv_jax import _checks
 from fastadv_jax import checkpoints
 from fastadv_jax import closures
 from fastadv_jax import config_base
 from fastadv_jax import data as data_lib
 from fastadv_jax import evaluate
 from fastadv_jax import monitor as monitor_lib
+from fastadv_jax import plotting
 from fastadv_jax import restore
 from fastadv_jax import train_state as state_lib
 from fastadv_jax import train_step as step_lib
+from fastadv_jax import workdir as workdir_lib
 from fastadv_jax.train_state import AXIS
-
-
-# --------------------------------------------------------------------------
-# Logging.
-
-
-class MetricWriter:
-  """JSON lines (metrics.jsonl) and TensorBoard events (tensorboardX), on host 0."""
-
-  def __init__(self, workdir: str, enabled: bool = True):
-    self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self._tb = None
-    if enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-  def write(self, step: int, values: dict[str, Any]) -> None:
-    if not self.enabled:
-      return
-    record = {"step": int(step), **{k: _jsonable(v) for k, v in values.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-    for k, v in record.items():
-      if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-        self._tb.add_scalar(k, v, step)
-    self._tb.flush()
-
-  def close(self):
-    if self._tb is not None:
-      self._tb.close()
-
-
-def _jsonable(v):
-  if isinstance(v, (np.generic, jax.Array)):
-    v = np.asarray(v)
-    return v.item() if v.ndim == 0 else v.tolist()
-  return v
-
-
-def _truncate_metrics_log(path: str, last_step: int) -> None:
-  """On resume, drops records written after the checkpoint we resume from."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = [l for l in f if l.strip()]
-  kept = [l for l in lines if json.loads(l).get("step", 0) <= last_step]
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------
@@ -208,7 +160,7 @@ class ImageNetTrainData:
         process_count=jax.process_count())
 
 
-def load_data(config):
+def load_data(config, progress: bool = True):
   """(train data, (test images, test labels)): the training source and the evaluation set.
 
   In-memory datasets load whole; ImageNet streams its training set and decodes
@@ -228,7 +180,7 @@ def load_data(config):
       ys.append(y[mask])
     return train_data, (np.concatenate(xs), np.concatenate(ys))
   kwargs = dict(source=config.data.source, data_dir=config.data.data_dir or None,
-                local_path=config.data.local_path or None)
+                local_path=config.data.local_path or None, progress=progress)
   train_images, train_labels = data_lib.load_split(config.dataset, "train", **kwargs)
   test_images, test_labels = data_lib.load_split(config.dataset, "test", **kwargs)
   if config.data.train_subset:
@@ -282,7 +234,9 @@ class _Run:
     self.workdir, self.progress = workdir, progress
     self.devices = jax.local_devices()
     self.is_main = jax.process_index() == 0
-    self.train_data, self.test_data = load_data(config)
+    self.train_data, self.test_data = load_data(config, progress)
+    if isinstance(self.train_data, ArrayTrainData):
+      config_base.check_sizes(config, len(self.train_data.images), len(self.test_data[0]))
     self.replays = self.method.attack.replays
     # Step at which each epoch starts; also the first batch of each data epoch.
     self.epoch_starts = np.concatenate([[0], np.cumsum(
@@ -340,13 +294,21 @@ class _Run:
   # -- restore --------------------------------------------------------------
 
   def restore(self) -> state_lib.TrainState:
-    """The newest intact checkpoint's state (and monitors), or the initial state."""
+    """The newest intact checkpoint's state (and monitors), or the initial state.
+
+    The metrics log keeps the records up to the restored step (none on a fresh
+    start), and config.json always describes the run that continues.
+    """
     state = self.initial_state
+    metrics_path = os.path.join(self.workdir, workdir_lib.METRICS_NAME)
+    if self.is_main:
+      self.last_ckpt.recover()
+      self.best_ckpt.recover()
     restored = self.last_ckpt.restore(state_lib.state_dict(state))
     if restored is None:
       if self.is_main:
-        with open(os.path.join(self.workdir, "config.json"), "w") as f:
-          json.dump(self.config_dict, f, indent=2)
+        workdir_lib.truncate_records(metrics_path, 0)
+        workdir_lib.write_json(os.path.join(self.workdir, "config.json"), self.config_dict)
       return state
     step0, ckpt_state, meta = restored
     diff = _config_diff(_comparable(meta["config"]), _comparable(self.config_dict))
@@ -360,8 +322,14 @@ class _Run:
     self.best = monitor_lib.EarlyStopping.from_state_dict(meta["best"])
     self.extra = meta["extra"]
     print(f"Resumed from {self.last_ckpt.directory} at step {step0}.", flush=True)
+    if diff:
+      print(f"Resuming with a changed config: {'; '.join(diff[:10])}.", flush=True)
+      if step0 >= self.num_steps:
+        print(f"The checkpoint's step {step0} is at or past the end of the changed "
+              f"run ({self.num_steps} steps): nothing left to train.", flush=True)
     if self.is_main:
-      _truncate_metrics_log(os.path.join(self.workdir, "metrics.jsonl"), step0)
+      workdir_lib.truncate_records(metrics_path, step0)
+      workdir_lib.write_json(os.path.join(self.workdir, "config.json"), self.config_dict)
     return state.replace(**ckpt_state)
 
   # -- training data ----------------------------------------------------------
@@ -407,12 +375,11 @@ class _Run:
                   if self.is_due(step, e["every_steps"], e["every_epochs"]) or
                   (step == self.num_steps and e["at_end"]))
 
-  def run_evals(self, step: int, r_state) -> dict[str, dict[str, float]]:
+  def run_evals(self, step: int, host: state_lib.TrainState) -> dict[str, dict[str, float]]:
     """The evaluations due at `step`, by name (one engine, eval-mode float32)."""
     due = self.evals_due(step)
     if not due:
       return {}
-    host = state_lib.unreplicate(jax.device_get(r_state))
     logits_fn = closures.eval_logits_fn(
         self.eval_model, state_lib.model_variables(host.params, host.batch_stats))
     key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 2), step)
@@ -424,21 +391,33 @@ class _Run:
 
   # -- checkpoints ----------------------------------------------------------
 
-  def save(self, step: int, r_state, checkpointer, extra_meta=None) -> None:
+  def save(self, step: int, host: state_lib.TrainState, checkpointer, extra_meta=None
+           ) -> None:
     meta = {"config": self.config_dict, "co_monitor": self.co_monitor.state_dict(),
             "best": self.best.state_dict(), "extra": self.extra,
             "epoch": self.fractional_epoch(step)}
     meta.update(extra_meta or {})
-    checkpointer.save(step, state_lib.state_dict(state_lib.to_host(r_state)), meta)
+    checkpointer.save(step, state_lib.state_dict(host), meta)
 
-  def check_finite(self, loss: float, step: int) -> None:
-    if not np.isfinite(loss):
-      # Stop before the diverged state reaches a checkpoint: the saved ones
-      # stay intact, to resume from with a smaller learning rate.
-      raise FloatingPointError(
-          f"Training loss is {loss} at step {step} (learning rate "
-          f"{float(self.lr_fn(step - 1)):.4g}); stopping. The checkpoints in "
-          f"{self.workdir} are from before the divergence.")
+  def diverged(self, step: int, what: str) -> FloatingPointError:
+    saved = self.last_ckpt.all_steps()
+    advice = (f"the newest checkpoint, step {saved[-1]}, is finite: resume from it with a "
+              f"smaller --config.schedule.lr_max and --config.allow_config_change=True"
+              if saved else "no checkpoint was saved: start again with a smaller "
+              "--config.schedule.lr_max")
+    return FloatingPointError(
+        f"{what} at step {step} (learning rate {float(self.lr_fn(step - 1)):.4g}); "
+        f"training stopped before saving it; {advice}.")
+
+  def host_state(self, step: int, r_state) -> state_lib.TrainState:
+    """The host copy of the state after step `step`, checked to be finite."""
+    host = state_lib.to_host(r_state)
+    bad = checkpoints.first_nonfinite(checkpoints.to_host_state_dict(
+        {"params": host.params, "batch_stats": host.batch_stats,
+         "opt_state": host.opt_state, "swa": host.swa}))
+    if bad is not None:
+      raise self.diverged(step, f"{bad} is not finite")
+    return host
 
   # -- monitor --------------------------------------------------------------
 
@@ -463,7 +442,9 @@ class _Run:
         {k: float(np.asarray(v)) for k, v in state_lib.unreplicate(
             jax.device_get(r_state.hparams)).items()})
     self.co_monitor.best, self.co_monitor.collapsed = None, False
-    self.save(step, r_state, self.last_ckpt)
+    self.save(step, state_lib.to_host(r_state), self.last_ckpt)
+    # Only once the rolled-back state is on disk: the abandoned trajectory goes.
+    self.last_ckpt.delete_after(step)
     return r_state, step
 
   # -- events after a step ----------------------------------------------------
@@ -471,27 +452,35 @@ class _Run:
   def after_step(self, step: int, r_state, train_metrics, writer, bar):
     """Logging, SWA, evaluations, monitor and checkpoint due at `step`.
 
+    The state is checked to be finite (parameters, BatchNorm statistics,
+    optimizer state, after the update) before any evaluation or save.
     Returns (r_state, step); the step moves back after a rollback.
     """
     config = self.config
     if step % config.log_every_steps == 0 or step == self.num_steps:
       tm = {k: float(v) for k, v in jax.device_get(
           state_lib.unreplicate(train_metrics)).items()}
-      self.check_finite(tm["train/loss"], step)
+      if not np.isfinite(tm["train/loss"]):
+        raise self.diverged(step, f"The training loss is {tm['train/loss']}")
       tm["train/lr"] = float(self.lr_fn(step - 1))
       tm["epoch"] = self.fractional_epoch(step)
       writer.write(step, tm)
       bar.set_postfix(loss=f"{tm['train/loss']:.3f}", acc=f"{tm['train/adv_acc']:.3f}")
+    if config.model.name == "simple_cnn" and step in self.epoch_starts:
+      # GradAlign Fig. 6: one filter's norms grow when catastrophic overfitting sets in.
+      params = jax.device_get(state_lib.unreplicate(r_state.params))
+      writer.write(step, {**plotting.filter_norm_record(params),
+                          "epoch": self.fractional_epoch(step)})
     if config.swa.enabled and step in self.epoch_starts and (
         self.epoch_of(step) > config.swa.start_epoch):
       r_state = self.p_swa(r_state)
     due_eval = bool(self.evals_due(step))
     do_ckpt = self.is_due(step, config.checkpoint_every_steps) or step == self.num_steps
-    if not (due_eval or do_ckpt or step == self.num_steps):
+    if not (due_eval or do_ckpt):
       return r_state, step
-    self.check_finite(float(state_lib.unreplicate(train_metrics)["train/loss"]), step)
     r_state = self.p_sync(r_state)
-    results = self.run_evals(step, r_state)
+    host = self.host_state(step, r_state)
+    results = self.run_evals(step, host)
     for name, values in results.items():
       record = {f"{name}/{k}": v for k, v in values.items()}
       record["epoch"] = self.fractional_epoch(step)
@@ -500,21 +489,46 @@ class _Run:
     if config.best.eval in results:
       is_best, stop = self.best.update(step, results[config.best.eval][config.best.metric])
       if is_best:
-        self.save(step, r_state, self.best_ckpt, {"eval": results[config.best.eval]})
+        self.save(step, host, self.best_ckpt, {"eval": results[config.best.eval]})
       if stop:
         self.extra["stopped_early"] = True
         print(f"Early stopping at step {step} ({config.best.eval} {config.best.metric} "
               f"dropped by more than {config.best.drop}).", flush=True)
+    monitor_state = ""
     if config.co_monitor.enabled and config.co_monitor.eval in results:
       rolled_back = self.monitor(step, results[config.co_monitor.eval], r_state, writer)
+      monitor_state = "collapsed" if self.co_monitor.collapsed else "ok"
       if rolled_back is not None:
         r_state, step = rolled_back
         bar.n = step
         bar.refresh()
         return r_state, step
+    if results and self.is_main:
+      bar.write(self.eval_line(step, results, monitor_state))
     if do_ckpt:
-      self.save(step, r_state, self.last_ckpt)
+      self.save(step, host, self.last_ckpt)
     return r_state, step
+
+  def eval_line(self, step: int, results: dict, monitor_state: str) -> str:
+    """One compact console line per evaluation: epoch, accuracies, alignment, monitor."""
+    names = {"clean_acc": "clean", "fgsm_acc": "FGSM", "grad_alignment": "align",
+             "cos_fgsm_pgd": "cos(FGSM,PGD)"}
+    parts = [f"epoch {self.fractional_epoch(step):g}"]
+    for name, values in sorted(results.items()):
+      settings = self.evals[name]
+      shown = []
+      for metric, value in values.items():
+        if metric == "pgd_acc":
+          label = f"PGD-{settings['pgd_steps']}"
+        elif metric in names:
+          label = names[metric]
+        else:
+          continue
+        shown.append(f"{label} {value:.3f}")
+      parts.append(f"{name}: " + ", ".join(shown))
+    if monitor_state:
+      parts.append(f"monitor: {monitor_state}")
+    return " | ".join(parts)
 
   # -- the end ----------------------------------------------------------------
 
@@ -524,9 +538,9 @@ class _Run:
     if finished and config.swa.enabled:
       r_state = _finalize_swa(config, self.eval_model, self.train_data, r_state,
                               self.devices)
-      self.save(step, r_state, self.last_ckpt)
+      self.save(step, self.host_state(step, r_state), self.last_ckpt)
     elif step not in self.last_ckpt.all_steps():
-      self.save(step, r_state, self.last_ckpt)
+      self.save(step, self.host_state(step, r_state), self.last_ckpt)
     summary: dict[str, Any] = {"step": step, "last_eval": self.last_eval,
                                "co_events": self.co_monitor.events,
                                "stopped_early": self.extra["stopped_early"],
@@ -537,22 +551,45 @@ class _Run:
                                                self.best_ckpt, self.test_data,
                                                self.progress)
     if self.is_main:
-      with open(os.path.join(self.workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=_jsonable)
+      # The summary is the run's last file: its presence marks the run complete.
       try:
-        from fastadv_jax import plotting  # pylint: disable=g-import-not-at-top
-        plotting.plot_training_curves(self.workdir)
+        plotting.plot_run(self.workdir)
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("Could not plot training curves: %s", e)
-    self.last_ckpt.close()
-    self.best_ckpt.close()
+      workdir_lib.write_json(os.path.join(self.workdir, SUMMARY_NAME), summary)
     return summary
+
+  def completed_summary(self, step: int, stop_at: int) -> dict[str, Any] | None:
+    """The summary of a run that already ended at `step`, else None."""
+    path = os.path.join(self.workdir, SUMMARY_NAME)
+    if step < stop_at and not self.extra["stopped_early"]:
+      return None
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      try:
+        summary = json.load(f)
+      except json.JSONDecodeError:
+        return None
+    finished = step >= self.num_steps or self.extra["stopped_early"]
+    if summary.get("step") != step or (
+        finished and self.config.final_eval.enabled and "final_eval" not in summary):
+      return None
+    return summary
+
+
+SUMMARY_NAME = "summary.json"
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        *, max_steps: int | None = None, progress: bool = True
                        ) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its newest intact checkpoint.
+
+  The config is validated and the workdir checked before anything is written;
+  the workdir is then locked for the run (a second run on it is refused). A
+  run that already ended (its summary.json matches the newest checkpoint) is
+  left unchanged and its summary returned.
 
   Args:
     config: a training config (see configs/ and config_base.base_config).
@@ -564,18 +601,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns:
     A summary dict: the final step, the last evaluations, the CO events, and
     the final PGD-50-10 records of the last and best states (when enabled).
+  Raises:
+    ValueError: a bad config or workdir (nothing written).
+    workdir.WorkdirLockedError: another run holds the workdir.
+    FloatingPointError: the state diverged (the checkpoints on disk are finite).
   """
   method = config_base.validate_config(config, jax.local_device_count() * jax.process_count())
-  os.makedirs(workdir, exist_ok=True)
-  run = _Run(config, method, workdir, progress)
+  if max_steps is not None:
+    _checks.check_int("max_steps", max_steps, 1)
+  workdir_lib.check_writable_dir(workdir)
+  run = _Run(config, method, workdir, progress)  # loads the data, writes nothing
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"--workdir={workdir} cannot be created: {e.strerror}.") from None
+  lock = workdir_lib.WorkdirLock(workdir) if run.is_main else None
+  if lock is not None:
+    lock.acquire()
+  try:
+    return _train(run, max_steps)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(run: _Run, max_steps: int | None) -> dict[str, Any]:
+  workdir, progress = run.workdir, run.progress
   state = run.restore()
-  r_state = state_lib.to_devices(state, run.devices)
-  writer = MetricWriter(workdir, enabled=run.is_main)
   stop_at = run.num_steps if max_steps is None else min(run.num_steps, max_steps)
   step = int(np.asarray(state.step))
+  done = run.completed_summary(step, stop_at)
+  if done is not None:
+    print(f"{workdir} holds a completed run (step {step}); nothing to do.", flush=True)
+    return done
+  r_state = state_lib.to_devices(state, run.devices)
+  writer = workdir_lib.MetricWriter(workdir, enabled=run.is_main)
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  # smoothing=0: the estimate averages over the whole session, evaluations included.
   bar = tqdm(total=stop_at, initial=step, disable=not (progress and run.is_main),
-             desc="train", unit="step", dynamic_ncols=True)
+             desc="train", unit="step", dynamic_ncols=True, smoothing=0)
   t0 = time.time()
   batches, batch = run.device_batches(step), None
   while step < stop_at and not run.extra["stopped_early"]:
@@ -624,15 +688,29 @@ def _rollback(config, best_ckpt, template_state, devices):
 
 def final_evaluation(config, workdir, last_ckpt, best_ckpt, test_data, progress=True
                      ) -> dict[str, Any]:
-  """PGD-k-r (config.final_eval) of the last and the best state; records as JSON."""
+  """PGD-k-r (config.final_eval) of the last and the best state; records as JSON.
+
+  A record already written for the same weights (their fingerprint) and the
+  same settings is reused, so a run killed after its final evaluation does not
+  evaluate again or write a second record when resumed.
+  """
   results = {}
   candidates = [("last", last_ckpt), ("best", best_ckpt)]
   if config.swa.enabled:
     candidates.append(("swa", last_ckpt))
+  settings = dict(config.final_eval.to_dict(), eps=float(config.eps), seed=int(config.seed))
   for which, ckpt in candidates:
     if not ckpt.all_steps():
       continue
-    model, variables, _ = restore.restore_for_eval(workdir, which)
+    model, variables, _, ckpt_step = restore.restore_for_eval(workdir, which)
+    path = os.path.join(workdir, "eval", f"final_{which}_pgd{config.final_eval.steps}-"
+                        f"{config.final_eval.restarts}.json")
+    fingerprint = checkpoints.fingerprint(variables)
+    previous = _read_record(path)
+    if (previous is not None and previous.get("checkpoint_fingerprint") == fingerprint
+        and previous.get("final_eval_settings") == settings):
+      results[which] = previous
+      continue
     # Weights as arguments, not baked-in constants: one compile for every state.
     logits_fn = closures.eval_logits_fn(model, variables)
     record = evaluate.evaluate(
@@ -641,10 +719,18 @@ def final_evaluation(config, workdir, last_ckpt, best_ckpt, test_data, progress=
         steps=config.final_eval.steps, restarts=config.final_eval.restarts,
         rule=config.final_eval.rule, batch_size=config.final_eval.batch_size,
         dataset=config.dataset, progress=progress)
-    record["checkpoint"] = which
+    record.update(checkpoint=which, checkpoint_step=ckpt_step,
+                  checkpoint_fingerprint=fingerprint, final_eval_settings=settings)
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    evaluate.save_record(record, os.path.join(
-        workdir, "eval", f"final_{which}_pgd{config.final_eval.steps}-"
-        f"{config.final_eval.restarts}.json"))
+    evaluate.save_record(record, path)
     results[which] = record
   return results
+
+
+def _read_record(path: str) -> dict | None:
+  """The JSON record at `path`, or None when absent or unreadable."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None

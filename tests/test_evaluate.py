@@ -23,6 +23,7 @@ from fastadv_jax import closures
 from fastadv_jax import evaluate
 from fastadv_jax import metrics
 from fastadv_jax import models
+from fastadv_jax import restore
 
 EPS = 8 / 255
 PGD = dict(steps=5, restarts=2)
@@ -237,7 +238,7 @@ def fake_run(setup, monkeypatch, tmp_path):
     calls["restore"] += 1
     if which != "best":
       raise FileNotFoundError(f"No {which!r} checkpoint in {workdir!r}.")
-    return model, variables, config
+    return restore.Restored(model, variables, config, 7)
 
   def load_split(dataset, split, progress=True, **kwargs):
     calls["load"] += 1
@@ -262,14 +263,16 @@ def fake_run(setup, monkeypatch, tmp_path):
 def test_evaluate_workdir_writes_record(fake_run, pgd_batch4):
   workdir, calls = fake_run
   record = evaluate.evaluate_workdir(workdir, checkpoint="best", n=6, seed=0,
-                                     batch_size=4, num_devices=1, progress=False,
-                                     **PGD)
-  path = os.path.join(workdir, "eval", "best_pgd_n6_seed0.json")
+                                     selection="random", batch_size=4, num_devices=1,
+                                     progress=False, **PGD)
+  path = os.path.join(workdir, "eval", "best_pgd_n6_random_seed0.json")
   assert record["path"] == path
   with open(path) as f:
     saved = json.load(f)
   assert saved["eps"] == pytest.approx(EPS)  # from config.eps = 8 (in /255)
   assert saved["metadata"]["checkpoint"] == "best"
+  assert saved["metadata"]["checkpoint_step"] == 7
+  assert os.stat(path).st_mode & 0o777 == 0o644
   assert saved["metadata"]["model"] == "simple_cnn"
   indices = evaluate.select_indices(NUM, 6, "random", 0)
   assert saved["robust_acc"] == pytest.approx(np.mean(pgd_batch4.correct[indices]))

@@ -184,7 +184,8 @@ def test_bad_configs_fail_before_compiling(variant, settings, message):
 
 
 def test_unknown_variant_suggests():
-  with pytest.raises(ValueError, match="Unknown CIFAR-10 variant"):
+  with pytest.raises(ValueError, match="Unknown CIFAR-10 variant 'gradalgn'. Did you mean "
+                     "'gradalign'"):
     load_config_module("cifar10").get_config("gradalgn")
 
 
@@ -237,7 +238,7 @@ def _env():
 
 
 def final_params(workdir):
-  _, variables, _ = restore.restore_for_eval(workdir, "last")
+  _, variables, _, _ = restore.restore_for_eval(workdir, "last")
   return variables["params"]
 
 
@@ -297,7 +298,7 @@ def test_corrupt_newest_checkpoint_falls_back(npz_dataset, tmp_path):
         f.write(b"corrupt")
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    _, variables, _ = restore.restore_for_eval(str(workdir), "last")
+    _, variables, _, _ = restore.restore_for_eval(str(workdir), "last")
   assert any(str(newest) in str(w.message) for w in caught
              if issubclass(w.category, checkpoints.CheckpointCorruptWarning))
   assert newest.exists()  # left in place
@@ -425,19 +426,6 @@ def test_co_rollback_restores_best_and_strengthens_setting(npz_dataset, tmp_path
   assert meta["extra"]["adjusted_hparams"][0]["attack/q"] == pytest.approx(0.45)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     assert any("co/detected" in line for line in f)
-
-
-def test_divergence_stops_before_reaching_a_checkpoint(npz_dataset, tmp_path):
-  config = tiny(load_config_module("cifar10").get_config("cnn_fgsm"))
-  config.data.update(source="local", local_path=npz_dataset)
-  config.num_epochs = 2
-  config.schedule.lr_max = 1e30  # diverges within the first epoch
-  config.evals.test.update(n=16, batch_size=16, pgd_steps=1)
-  config.final_eval.enabled = False
-  workdir = str(tmp_path / "nan")
-  with pytest.raises(FloatingPointError, match="Training loss is nan"):
-    train.train_and_evaluate(config, workdir, progress=False)
-  assert checkpoints.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == []
 
 
 def test_weight_decay_mask_spares_batchnorm_only_when_asked():

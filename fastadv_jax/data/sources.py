@@ -108,6 +108,16 @@ def _local_with_slice(path, split, class_names, cache, progress):
   return images[sl], labels[sl]
 
 
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+  """Prints `message` the first time only (one notice per process, not per split)."""
+  if message not in _SAID:
+    _SAID.add(message)
+    print(message, flush=True)
+
+
 def load_split(dataset: str, split: str, *, source: str = "auto", data_dir: str | None = None,
                local_path: str | None = None, class_names=None, cache: bool = True,
                progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -164,6 +174,7 @@ def load_split(dataset: str, split: str, *, source: str = "auto", data_dir: str 
     if spec.name == "cifar10":
       path = default_cifar10_path()
       if os.path.exists(path):
+        _say_once(f"CIFAR-10: no prepared TFDS dataset; reading the local copy {path}.")
         return _local_with_slice(path, split, class_names, cache, progress)
       raise DatasetNotFoundError(
           f"{tfds_error}\nNo local copy either: {path} does not exist (set "

@@ -54,3 +54,37 @@ class SimpleCNN(nn.Module):
     x = common.dense(self.num_classes, in_features=x.shape[-1], init=self.init_scheme,
                      dtype=self.dtype, name="linear")(x)
     return x.astype(jnp.float32)
+
+
+def filter_norms(params: Any) -> dict[str, jax.Array]:
+  """Per-filter norms of the single-layer CNN (GradAlign §4, Fig. 6).
+
+  For each conv filter c: the l2 norm of its 3x3xC kernel (bias excluded) and
+  the l2 norm of its outgoing weights, the rows of the linear layer that read
+  filter c's feature map (`kernel.reshape(H*W, filters, classes)[:, c]`, NHWC
+  flattening). Under catastrophic overfitting one filter's two norms grow far
+  above the others' (the Laplace-like edge detector).
+
+  Args:
+    params: the `SimpleCNN` parameters (`{"conv": ..., "linear": ...}`), or its
+      variables (`{"params": {...}}`). Works on host arrays and under `jax.jit`.
+  Returns:
+    {"conv_norm": (filters,), "out_norm": (filters,)} float32 arrays.
+  Raises:
+    ValueError: `params` are not those of a `SimpleCNN`.
+  """
+  if "params" in params and "conv" not in params:
+    params = params["params"]
+  if "conv" not in params or "linear" not in params:
+    raise ValueError(f"filter_norms needs SimpleCNN parameters with 'conv' and 'linear' "
+                     f"entries, got keys {sorted(params)}.")
+  kernel = jnp.asarray(params["conv"]["kernel"], jnp.float32)    # (3, 3, C, F)
+  dense = jnp.asarray(params["linear"]["kernel"], jnp.float32)   # (H*W*F, classes)
+  filters = kernel.shape[-1]
+  if dense.shape[0] % filters:
+    raise ValueError(f"The linear layer's {dense.shape[0]} inputs are not a multiple of "
+                     f"the {filters} conv filters.")
+  conv_norm = jnp.sqrt(jnp.sum(kernel.reshape(-1, filters) ** 2, axis=0))
+  out = dense.reshape(-1, filters, dense.shape[-1])
+  out_norm = jnp.sqrt(jnp.sum(out ** 2, axis=(0, 2)))
+  return {"conv_norm": conv_norm, "out_norm": out_norm}

@@ -1,0 +1,62 @@
+"""The command lines' own help: flags, config variants, examples, exit code 0.
+
+Each command runs in its own process, as a user starts it (absl flags are
+process-global).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _help(main, *args):
+  """(exit code, stdout) of `<command> *args --help`; `main` names its entry point."""
+  res = subprocess.run(
+      [sys.executable, "-c", f"from fastadv_jax.cli import {main}; {main}()", *args, "--help"],
+      capture_output=True, text=True, timeout=120)
+  return res.returncode, res.stdout
+
+
+@pytest.mark.parametrize("main,prog,own_flags", [
+    ("train_main", "fastadv-train", ["--workdir", "--config", "--max_steps", "--progress"]),
+    ("eval_main", "fastadv-eval", ["--workdir", "--checkpoint", "--attack", "--selection",
+                                     "--n", "--eps"]),
+    ("plot_main", "fastadv-plot", ["--workdir"]),
+])
+def test_help_lists_own_flags_and_examples(main, prog, own_flags):
+  code, out = _help(main)
+  assert code == 0
+  assert out.startswith(f"usage: {prog} [flags]")
+  for flag in own_flags:
+    assert f"  {flag}: " in out, flag
+  assert "examples:" in out
+  assert f"  {prog} --workdir" in out or f"  {prog} --config" in out
+  assert "--logtostderr" not in out  # absl's own flags only under --helpfull
+
+
+def test_train_help_lists_variants_of_every_config_file():
+  code, out = _help("train_main")
+  assert code == 0
+  for name in ("cifar10", "cifar100", "svhn", "imagenet"):
+    assert f"configs/{name}.py: " in out
+  cifar10 = next(l for l in out.splitlines() if "configs/cifar10.py: " in l)
+  assert {"cnn_fgsm", "gradalign", "advlc_swa", "free"} <= set(cifar10.split(": ")[1].split(", "))
+  assert "--config.<name>=<value>" in out
+
+
+@pytest.mark.parametrize("spelling", ["--config={path}", "--config={path}:gradalign"])
+def test_train_help_with_a_config_lists_only_its_variants(spelling):
+  path = os.path.join(REPO, "configs", "svhn.py")
+  code, out = _help("train_main", spelling.format(path=path))
+  assert code == 0
+  assert "svhn.py: gradalign, fgsm_rs" in out and "cifar10.py: " not in out
+
+
+def test_train_help_with_a_separate_config_argument():
+  path = os.path.join(REPO, "configs", "svhn.py")
+  code, out = _help("train_main", "--config", path)
+  assert code == 0 and "svhn.py: gradalign" in out and "cifar10.py: " not in out
