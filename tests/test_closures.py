@@ -153,3 +153,22 @@ def test_plain_callables_become_static_partials(x):
   np.testing.assert_allclose(jax.jit(lambda l, z: l(z))(loss, x), loss(x), rtol=1e-6)
   with pytest.raises(ValueError, match="callable"):
     closures.as_pytree(3.0)
+
+
+@pytest.mark.parametrize("labels,message", [
+    (np.array([0, 1, 2, 10]), r"labels holds 10, outside \[0, 9\] for a model with 10 classes"),
+    (np.array([0, -1, 2, 3]), r"-1"),
+    (np.array([0, 1, 2]), r"labels has shape \(3,\); expected \(4,\)"),
+    (np.array([[0, 1, 2, 3]]), r"labels has shape \(1, 4\)"),
+    (np.array([0.0, 1.0, 2.0, 3.0]), "must be integers"),
+])
+def test_labels_that_do_not_fit_the_logits_are_refused(x, labels, message):
+  loss = closures.cross_entropy(closures.eval_logits_fn(BNNet(), _variables(0)), labels)
+  with pytest.raises(ValueError, match=message):
+    loss(x)
+
+
+def test_batch_size_of_traced_labels_is_checked_while_tracing(x):
+  f = closures.eval_logits_fn(BNNet(), _variables(0))
+  with pytest.raises(ValueError, match=r"expected \(4,\)"):
+    jax.jit(lambda x, y: closures.cross_entropy(f, y)(x))(x, jnp.zeros((3,), jnp.int32))
