@@ -22,6 +22,12 @@ Nothing on disk is ever deleted before its replacement is complete:
 * older checkpoints beyond ``max_to_keep`` are removed only after the new one
   is in place.
 
+Multi-host: every process calls `save` (orbax writes one copy of the host
+arrays, from the primary process, and synchronizes the processes); the
+renames, swaps and deletions are done by process 0 only, between barriers, so
+no process reads a directory another is changing. The workdir must be a
+file system shared by the processes.
+
 Restore verifies the checksums; a checkpoint that fails to load or to verify
 is reported with a `CheckpointCorruptWarning`, left in place, and the next
 older one is used. A checkpoint whose arrays do not match the template's
@@ -121,11 +127,23 @@ def _fit_to_template(template: Any, restored: dict, where: str) -> Any:
   return flax.serialization.from_state_dict(template, fill(target, restored))
 
 
+def barrier(name: str) -> None:
+  """Waits until every process reaches this point (nothing with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _is_primary() -> bool:
+  return jax.process_index() == 0
+
+
 class Checkpointer:
   """Saves and restores (state, meta) pairs under `directory`.
 
-  Only the process that owns the run (holding the workdir lock) writes;
-  readers (evaluation while training runs) never modify the directory.
+  Only the run that owns the directory (holding the workdir lock; all its
+  processes together) writes; readers (evaluation while training runs) never
+  modify the directory.
   """
 
   def __init__(self, directory: str, max_to_keep: int | None = 3):
@@ -145,7 +163,15 @@ class Checkpointer:
                   if n.isdigit() and os.path.isdir(os.path.join(self.directory, n)))
 
   def recover(self) -> None:
-    """Completes or undoes what a killed writer left: swaps and orbax temporaries."""
+    """Completes or undoes what a killed writer left: swaps and orbax temporaries.
+
+    Collective: process 0 repairs, the others wait for it.
+    """
+    if _is_primary():
+      self._recover()
+    barrier(f"recovered {self.directory}")
+
+  def _recover(self) -> None:
     if not os.path.isdir(self.directory):
       return
     for name in sorted(os.listdir(self.directory)):
@@ -187,24 +213,31 @@ class Checkpointer:
     if bad is not None:
       raise FloatingPointError(f"Refusing to save step {step}: {bad} is not finite.")
     meta = dict(meta, checksums=checksums(state))
-    os.makedirs(self.directory, exist_ok=True)
     exists = os.path.isdir(self._path(step))
     target = self._path(step, _REPLACEMENT if exists else "")
-    if os.path.exists(target):
-      shutil.rmtree(target)  # a stale replacement (recover() normally removes it)
+    if _is_primary():
+      os.makedirs(self.directory, exist_ok=True)
+      if os.path.exists(target):
+        shutil.rmtree(target)  # a stale replacement (recover() normally removes it)
+    barrier(f"save {target}")
+    # Collective in orbax: every process calls it, one copy is written.
     self._orbax.save(target, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-    if exists:
-      self._swap(step)
-    if self.max_to_keep is not None:
-      for old in self.all_steps()[:-self.max_to_keep]:
-        shutil.rmtree(self._path(old), ignore_errors=True)
+    if _is_primary():
+      if exists:
+        self._swap(step)
+      if self.max_to_keep is not None:
+        for old in self.all_steps()[:-self.max_to_keep]:
+          shutil.rmtree(self._path(old), ignore_errors=True)
+    barrier(f"saved {target}")
 
   def delete_after(self, step: int) -> None:
     """Removes checkpoints newer than `step` (an abandoned trajectory after a rollback)."""
-    for s in self.all_steps():
-      if s > step:
-        shutil.rmtree(self._path(s), ignore_errors=True)
+    if _is_primary():
+      for s in self.all_steps():
+        if s > step:
+          shutil.rmtree(self._path(s), ignore_errors=True)
+    barrier(f"deleted after {step} in {self.directory}")
 
   def _read(self, step: int, state: bool) -> dict:
     items = {"meta": ocp.args.JsonRestore()}

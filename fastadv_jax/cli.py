@@ -42,11 +42,36 @@ def _enable_compilation_cache() -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def _maybe_initialize_distributed(enabled: bool) -> None:
-  """Multi-host pods: every host runs the same command with --multihost."""
-  if enabled:
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.distributed.initialize()
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name)
+  if value in (None, ""):
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise UsageError(f"${name}={value!r} is not an integer.") from None
+
+
+def _initialize_distributed(coordinator: str | None, num_processes: int | None,
+                            process_id: int | None, heartbeat_timeout: int) -> None:
+  """Joins JAX's multi-controller runtime (every process runs the same command).
+
+  Flags first, then $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES,
+  $JAX_PROCESS_ID (what `python -m fastadv_jax.launch` sets); left unset, JAX
+  detects SLURM (srun) and Cloud TPU pods itself.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  num_processes = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
+  process_id = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
+  if num_processes is not None and num_processes < 1:
+    raise UsageError(f"--num_processes={num_processes} must be >= 1.")
+  if process_id is not None and num_processes is not None and not (
+      0 <= process_id < num_processes):
+    raise UsageError(f"--process_id={process_id} must lie in [0, {num_processes - 1}].")
+  jax.distributed.initialize(
+      coordinator_address=coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or None,
+      num_processes=num_processes, process_id=process_id,
+      heartbeat_timeout_seconds=heartbeat_timeout)
 
 
 def _verbose(argv) -> bool:
@@ -165,7 +190,16 @@ def train_main(argv=None) -> None:
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots "
                       "(re-run the same command to resume).")
   flags.DEFINE_integer("max_steps", None, "Stop after this many steps (a budget).")
-  flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first.")
+  flags.DEFINE_bool("multihost", False, "Join JAX's multi-process runtime first (every "
+                    "process runs the same command; see README, Multi-host).")
+  flags.DEFINE_string("coordinator_address", None, "With --multihost: host:port of process "
+                      "0 (default: $JAX_COORDINATOR_ADDRESS, or detected on SLURM/TPU).")
+  flags.DEFINE_integer("num_processes", None, "With --multihost: number of processes "
+                       "(default: $JAX_NUM_PROCESSES, or detected).")
+  flags.DEFINE_integer("process_id", None, "With --multihost: this process's index "
+                       "(default: $JAX_PROCESS_ID, or detected).")
+  flags.DEFINE_integer("heartbeat_timeout", 100, "With --multihost: seconds after which "
+                       "the others stop when a process stopped responding.")
   flags.DEFINE_bool("progress", True, "Show progress bars.")
   config_flags.DEFINE_config_file(
       "config", None, "Training config FILE:VARIANT, e.g. configs/cifar10.py:gradalign.",
@@ -179,7 +213,9 @@ def train_main(argv=None) -> None:
       if f[name].value is None:
         raise UsageError(f"--{name} is required (see --help).")
     _enable_compilation_cache()
-    _maybe_initialize_distributed(f.multihost)
+    if f.multihost:
+      _initialize_distributed(f.coordinator_address, f.num_processes, f.process_id,
+                              f.heartbeat_timeout)
     from fastadv_jax import train  # pylint: disable=g-import-not-at-top
     summary = train.train_and_evaluate(f.config, f.workdir, max_steps=f.max_steps,
                                        progress=f.progress)

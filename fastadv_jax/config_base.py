@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(name="preact_resnet18_gradalign",
                                            kwargs=ml_collections.ConfigDict()))
   c.dtype = "float32"      # compute dtype of the model in training; evaluation is float32
+  # How the per-device train step runs: "pmap" or "shard_map" (a one-axis mesh of
+  # all devices of all processes); the same results (tests/test_multihost.py).
+  c.parallel = "pmap"
   c.eps = 8.0              # L-inf radius in /255
   c.attack = ml_collections.ConfigDict(dict(
       name="fgsm",
@@ -220,7 +223,7 @@ def validate_config(config, num_devices: int = 1):
     The validated `methods.Method` of the config.
   """
   # Imported here: these modules import jax and are heavy; configs stay light.
-  from fastadv_jax import evaluate, methods, models, schedules  # pylint: disable=g-import-not-at-top
+  from fastadv_jax import evaluate, methods, models, schedules, train_state  # pylint: disable=g-import-not-at-top
 
   _choice("dataset", config.dataset, DATASETS)
   check_fields(config)
@@ -230,6 +233,7 @@ def validate_config(config, num_devices: int = 1):
   _choice("data.source", config.data.source, ("auto", "tfds", "local"))
   _choice("model.name", config.model.name, models.MODELS)
   _choice("dtype", config.dtype, DTYPES)
+  _choice("parallel", config.parallel, train_state.PARALLEL_MODES)
   method = methods.build_method(config)
   _choice("optimizer.name", config.optimizer.name, OPTIMIZERS)
   _choice("schedule.name", config.schedule.name, schedules.SCHEDULES)

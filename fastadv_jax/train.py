@@ -47,14 +47,13 @@ from fastadv_jax import restore
 from fastadv_jax import train_state as state_lib
 from fastadv_jax import train_step as step_lib
 from fastadv_jax import workdir as workdir_lib
-from fastadv_jax.train_state import AXIS
 
 
 # --------------------------------------------------------------------------
 # Config identity for resuming.
 
 # Keys that may change between an interrupted run and its resumption.
-_RESUME_FREE_KEYS = ("allow_config_change", "log_every_steps", "final_eval")
+_RESUME_FREE_KEYS = ("allow_config_change", "log_every_steps", "final_eval", "parallel")
 
 
 def _comparable(config_dict: dict) -> dict:
@@ -232,7 +231,7 @@ class _Run:
   def __init__(self, config, method, workdir: str, progress: bool):
     self.config, self.method = config, method
     self.workdir, self.progress = workdir, progress
-    self.devices = jax.local_devices()
+    self.device_map = state_lib.DeviceMap(config.parallel)
     self.is_main = jax.process_index() == 0
     self.train_data, self.test_data = load_data(config, progress)
     if isinstance(self.train_data, ArrayTrainData):
@@ -268,9 +267,9 @@ class _Run:
     train_step = step_lib.make_train_step(
         self.model, self.tx, self.method, steps_per_epoch=steps_per_epoch,
         seed=config.seed, augment=make_augment(config))
-    self.p_train_step = jax.pmap(train_step, axis_name=AXIS, donate_argnums=(0,))
-    self.p_sync = jax.pmap(state_lib.sync_batch_stats, axis_name=AXIS, donate_argnums=(0,))
-    self.p_swa = jax.pmap(state_lib.swa_update, axis_name=AXIS, donate_argnums=(0,))
+    self.p_train_step = self.device_map(train_step)
+    self.p_sync = self.device_map(state_lib.sync_batch_stats)
+    self.p_swa = self.device_map(state_lib.swa_update)
 
   # -- epochs and periods ---------------------------------------------------
 
@@ -301,9 +300,8 @@ class _Run:
     """
     state = self.initial_state
     metrics_path = os.path.join(self.workdir, workdir_lib.METRICS_NAME)
-    if self.is_main:
-      self.last_ckpt.recover()
-      self.best_ckpt.recover()
+    self.last_ckpt.recover()  # collective: process 0 repairs, the others wait
+    self.best_ckpt.recover()
     restored = self.last_ckpt.restore(state_lib.state_dict(state))
     if restored is None:
       if self.is_main:
@@ -340,7 +338,7 @@ class _Run:
     Step t trains on data batch t // replays; data epochs follow
     `epoch_starts` (counted in batches).
     """
-    num_devices = len(self.devices)
+    num_devices = self.device_map.num_local_devices
     b = step // self.replays
     while True:
       epoch = self.epoch_of(b)
@@ -436,11 +434,11 @@ class _Run:
             self.best_ckpt.all_steps()):
       return None
     r_state, step = _rollback(self.config, self.best_ckpt, self.initial_state,
-                              self.devices)
+                              self.device_map.placement)
     self.extra["rollbacks"] += 1
     self.extra.setdefault("adjusted_hparams", []).append(
         {k: float(np.asarray(v)) for k, v in state_lib.unreplicate(
-            jax.device_get(r_state.hparams)).items()})
+            r_state.hparams).items()})
     self.co_monitor.best, self.co_monitor.collapsed = None, False
     self.save(step, state_lib.to_host(r_state), self.last_ckpt)
     # Only once the rolled-back state is on disk: the abandoned trajectory goes.
@@ -458,8 +456,7 @@ class _Run:
     """
     config = self.config
     if step % config.log_every_steps == 0 or step == self.num_steps:
-      tm = {k: float(v) for k, v in jax.device_get(
-          state_lib.unreplicate(train_metrics)).items()}
+      tm = {k: float(v) for k, v in state_lib.unreplicate(train_metrics).items()}
       if not np.isfinite(tm["train/loss"]):
         raise self.diverged(step, f"The training loss is {tm['train/loss']}")
       tm["train/lr"] = float(self.lr_fn(step - 1))
@@ -468,7 +465,7 @@ class _Run:
       bar.set_postfix(loss=f"{tm['train/loss']:.3f}", acc=f"{tm['train/adv_acc']:.3f}")
     if config.model.name == "simple_cnn" and step in self.epoch_starts:
       # GradAlign Fig. 6: one filter's norms grow when catastrophic overfitting sets in.
-      params = jax.device_get(state_lib.unreplicate(r_state.params))
+      params = state_lib.unreplicate(r_state.params)
       writer.write(step, {**plotting.filter_norm_record(params),
                           "epoch": self.fractional_epoch(step)})
     if config.swa.enabled and step in self.epoch_starts and (
@@ -537,7 +534,7 @@ class _Run:
     finished = step >= self.num_steps or self.extra["stopped_early"]
     if finished and config.swa.enabled:
       r_state = _finalize_swa(config, self.eval_model, self.train_data, r_state,
-                              self.devices)
+                              self.device_map.placement)
       self.save(step, self.host_state(step, r_state), self.last_ckpt)
     elif step not in self.last_ckpt.all_steps():
       self.save(step, self.host_state(step, r_state), self.last_ckpt)
@@ -634,7 +631,7 @@ def _train(run: _Run, max_steps: int | None) -> dict[str, Any]:
   if done is not None:
     print(f"{workdir} holds a completed run (step {step}); nothing to do.", flush=True)
     return done
-  r_state = state_lib.to_devices(state, run.devices)
+  r_state = state_lib.to_devices(state, run.device_map.placement)
   writer = workdir_lib.MetricWriter(workdir, enabled=run.is_main)
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
   # smoothing=0: the estimate averages over the whole session, evaluations included.
@@ -721,8 +718,9 @@ def final_evaluation(config, workdir, last_ckpt, best_ckpt, test_data, progress=
         dataset=config.dataset, progress=progress)
     record.update(checkpoint=which, checkpoint_step=ckpt_step,
                   checkpoint_fingerprint=fingerprint, final_eval_settings=settings)
-    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    evaluate.save_record(record, path)
+    if jax.process_index() == 0:  # every process evaluates; one writes
+      os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+      evaluate.save_record(record, path)
     results[which] = record
   return results
 

@@ -3,7 +3,10 @@
 Layout after flax `examples/imagenet` (`create_train_state`): small functions a
 notebook can call one by one. The state is checkpointed unreplicated (one copy,
 independent of the device count); `to_devices` / `to_host` place it for the
-pmapped step and back.
+per-device step and back. `DeviceMap` runs a per-device function on every
+device, through `jax.pmap` or through `jax.shard_map` over a one-axis mesh of
+all devices of all processes (`config.parallel`); both see the same
+per-device arrays, so the step is written once.
 """
 
 from __future__ import annotations
@@ -154,20 +157,51 @@ def create_train_state(config, method, model, tx, key, image_shape, host_batch: 
 # Placement on devices.
 
 
-def _shard_leading_axis(tree, devices):
-  """Places arrays whose leading axis has one entry per device, one per device.
+PARALLEL_MODES = ("pmap", "shard_map")
 
-  The mesh axis is named like pmap's (AXIS), so a state placed here has the very
-  sharding a pmapped step returns, and the step is not traced again for it.
+
+def _shard_leading_axis(tree, devices):
+  """Places arrays whose leading axis has one entry per local device, one per device.
+
+  `devices`: a list of local devices (pmap's layout; the mesh axis is named like
+  pmap's, AXIS, so a state placed here has the very sharding a pmapped step
+  returns and the step is not traced again for it), or a `jax.sharding.Mesh`
+  of all processes' devices: then each leaf becomes one global array whose
+  rows are every process's local rows (`jax.make_array_from_process_local_data`).
   """
+  if isinstance(devices, jax.sharding.Mesh):
+    sharding = jax.sharding.NamedSharding(devices, jax.sharding.PartitionSpec(AXIS))
+    return jax.tree_util.tree_map(
+        lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), tree)
   sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
                                         jax.sharding.PartitionSpec(AXIS))
   return jax.device_put(tree, sharding)
 
 
+def _num_local(devices) -> int:
+  if isinstance(devices, jax.sharding.Mesh):
+    return sum(d.process_index == jax.process_index() for d in devices.devices.flat)
+  return len(devices)
+
+
+def local_rows(a) -> np.ndarray:
+  """This process's rows of an array with one leading entry per device, as NumPy.
+
+  A global array spanning several processes (the shard_map path) is read from
+  its addressable shards only, in device order.
+  """
+  if isinstance(a, jax.Array) and not a.is_fully_addressable:
+    shards = sorted(a.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])
+  return np.asarray(jax.device_get(a))
+
+
 def to_devices(state: TrainState, devices) -> TrainState:
-  """Replicates the state; a carried perturbation is split across devices."""
-  n = len(devices)
+  """Replicates the state; a carried perturbation is split across devices.
+
+  `devices`: local devices (pmap) or the mesh of all devices (shard_map).
+  """
+  n = _num_local(devices)
   free = np.asarray(state.attack_state)
   stacked = jax.tree_util.tree_map(
       lambda a: np.broadcast_to(np.asarray(a), (n,) + np.shape(a)),
@@ -178,16 +212,69 @@ def to_devices(state: TrainState, devices) -> TrainState:
 
 
 def to_host(r_state: TrainState) -> TrainState:
-  """The unreplicated host copy of a replicated state (inverse of `to_devices`)."""
-  host = jax.device_get(r_state)
+  """The unreplicated host copy of a replicated state (inverse of `to_devices`).
+
+  A carried perturbation comes back as this process's part of it.
+  """
+  host = jax.tree_util.tree_map(local_rows, r_state)
   free = np.asarray(host.attack_state)
   free = free.reshape((-1,) + free.shape[2:]) if free.ndim > 1 else free[0]
   single = jax.tree_util.tree_map(lambda a: np.asarray(a[0]), host.replace(attack_state=free[None]))
   return single.replace(attack_state=free)
 
 
+class DeviceMap:
+  """Runs a per-device function on every device: `jax.pmap` or `jax.shard_map`.
+
+  The function is written once, for one device's arrays, with collectives over
+  the axis AXIS (`lax.pmean(grads, AXIS)`); its arguments and results carry a
+  leading axis of one entry per device, as under `jax.pmap`. With "shard_map"
+  the arrays are global `jax.Array`s over a one-axis mesh of `jax.devices()`
+  (process order), each process holding its devices' rows.
+
+  Attributes:
+    mode: "pmap" or "shard_map".
+    placement: what `to_devices` and `place` take (local devices, or the mesh).
+  """
+
+  def __init__(self, mode: str = "pmap"):
+    if mode not in PARALLEL_MODES:
+      raise ValueError(f"Unknown parallel mode {mode!r}; choose one of {PARALLEL_MODES}.")
+    self.mode = mode
+    if mode == "pmap":
+      self.placement = jax.local_devices()
+    else:
+      self.placement = jax.sharding.Mesh(np.array(jax.devices()), (AXIS,))
+
+  @property
+  def num_local_devices(self) -> int:
+    return _num_local(self.placement)
+
+  def place(self, tree):
+    """Per-device rows (leading axis: local devices) placed for the mapped function."""
+    if self.mode == "pmap":
+      return tree  # pmap splits host arrays over its devices itself
+    return _shard_leading_axis(tree, self.placement)
+
+  def __call__(self, fn, donate_first: bool = True):
+    """`fn` mapped over devices; the first argument's buffers are donated."""
+    donate = (0,) if donate_first else ()
+    if self.mode == "pmap":
+      return jax.pmap(fn, axis_name=AXIS, donate_argnums=donate)
+    spec = jax.sharding.PartitionSpec(AXIS)
+
+    def per_device(*args):
+      out = fn(*jax.tree_util.tree_map(lambda a: a[0], args))
+      return jax.tree_util.tree_map(lambda a: a[None], out)
+
+    mapped = jax.jit(jax.shard_map(per_device, mesh=self.placement, in_specs=spec,
+                                   out_specs=spec), donate_argnums=donate)
+    return lambda *args: mapped(*(self.place(a) if i else a for i, a in enumerate(args)))
+
+
 def unreplicate(tree):
-  return jax.tree_util.tree_map(lambda a: a[0], tree)
+  """The first local device's copy of every leaf (NumPy)."""
+  return jax.tree_util.tree_map(lambda a: local_rows(a)[0], tree)
 
 
 def state_dict(state: TrainState) -> dict:

@@ -11,7 +11,9 @@ POINT:
   replace  the N-th `os.replace` (config.json, summary.json, log truncation).
 
 The library is not modified: the faults are patched in here, in the child
-process only. The exit status is -9 (SIGKILL) when the fault fired.
+process only. The exit status is -9 (SIGKILL) when the fault fired. In a
+multi-process job ($JAX_PROCESS_ID set), $FAULT_PROCESS names the one process
+that gets the fault (default: every process).
 """
 
 import os
@@ -78,7 +80,9 @@ def install(point: str, n: int) -> None:
 
 def main():
   point, n = sys.argv[1].split(":")
-  install(point, int(n))
+  target = os.environ.get("FAULT_PROCESS")
+  if target is None or target == os.environ.get("JAX_PROCESS_ID"):
+    install(point, int(n))
   from fastadv_jax.cli import train_main
   train_main(["fastadv-train"] + sys.argv[2:])
 

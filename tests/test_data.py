@@ -386,22 +386,42 @@ def test_train_batches_shapes_coverage_and_resume():
     data.train_batches(images, labels[:3], batch_size=5, seed=0, epoch=0)
 
 
-def test_multi_host_batches_partition_the_global_batch():
-  images, labels = _toy(26)
-  single = list(data.train_batches(images, labels, batch_size=6, seed=5, epoch=0))
-  hosts = [list(data.train_batches(images, labels, batch_size=6, seed=5, epoch=0,
-                                   process_index=h, process_count=3)) for h in range(3)]
-  assert all(len(h) == len(single) == 4 for h in hosts)
-  for step, (x, _) in enumerate(single):
-    union = np.concatenate([hosts[h][step][0][:, 0, 0, 0] for h in range(3)])
-    assert sorted(union.tolist()) == sorted(x[:, 0, 0, 0].tolist())
-  shards = [data.shard_for_host(np.arange(11), h, 3) for h in range(3)]
-  assert all(len(s) == 3 for s in shards)
-  assert len(set(np.concatenate(shards).tolist())) == 9
+@pytest.mark.parametrize("num_examples,drop_remainder", [(26, True), (26, False), (24, True)])
+@pytest.mark.parametrize("process_count", [2, 3])
+def test_multi_host_batches_are_blocks_of_the_global_batch(num_examples, drop_remainder,
+                                                          process_count):
+  images, labels = _toy(num_examples)
+  kwargs = dict(batch_size=6, seed=5, epoch=0, drop_remainder=drop_remainder)
+  single = list(data.train_batches(images, labels, **kwargs))
+  hosts = [list(data.train_batches(images, labels, process_index=h,
+                                   process_count=process_count, **kwargs))
+           for h in range(process_count)]
+  # A last partial batch smaller than the host count is used by no host.
+  tail = num_examples % 6
+  steps = len(single) - (not drop_remainder and 0 < tail < process_count)
+  assert all(len(h) == steps for h in hosts)
+  used = []
+  for step, (x, _) in enumerate(single[:steps]):
+    # Host h's batch is block h of the one-host batch: devices see the same examples.
+    blocks = [hosts[h][step][0][:, 0, 0, 0] for h in range(process_count)]
+    assert len({len(b) for b in blocks}) == 1
+    np.testing.assert_array_equal(np.concatenate(blocks), x[:len(blocks[0]) * process_count,
+                                                            0, 0, 0])
+    used += np.concatenate(blocks).tolist()
+  # Every example at most once per epoch; all of them but the dropped remainder.
+  assert len(used) == len(set(used))
+  expected = (num_examples // 6 * 6 if drop_remainder else
+              num_examples // 6 * 6 + (num_examples % 6) // process_count * process_count)
+  assert len(used) == expected
+
+
+def test_shard_for_host_checks_its_arguments():
+  shards = [data.shard_for_host(np.arange(11), h, 3, 3) for h in range(3)]
+  np.testing.assert_array_equal(shards[1], [1, 4, 7])  # block 1 of batches 0-2, tail 9-10 unused
   with pytest.raises(ValueError, match="divisible"):
-    data.train_batches(images, labels, batch_size=5, seed=0, epoch=0, process_count=3)
+    data.train_batches(*_toy(26), batch_size=5, seed=0, epoch=0, process_count=3)
   with pytest.raises(ValueError, match="process_index"):
-    data.shard_for_host(np.arange(4), 3, 3)
+    data.shard_for_host(np.arange(4), 3, 3, 3)
 
 
 # ----------------------------------------------------------------------------- augmentation

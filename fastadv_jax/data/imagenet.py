@@ -292,7 +292,7 @@ def train_batches(source: Sequence[dict[str, Any]], *, phase: ResizePhase, seed:
       0 <= start_step <= num_steps):
     raise ValueError(f"start_step must lie in [0, {num_steps}], got {start_step!r}.")
   order = pipeline.shard_for_host(pipeline.epoch_permutation(len(source), seed, epoch),
-                                  process_index, process_count)
+                                  process_index, process_count, phase.batch_size)
   index_batches = ((order[s * local_batch:(s + 1) * local_batch], slice(None))
                    for s in range(start_step, num_steps))
 
@@ -335,7 +335,7 @@ def eval_batches(source: Sequence[dict[str, Any]], *, batch_size: int,
   local_batch = pipeline._local_batch_size(batch_size, process_count)  # pylint: disable=protected-access
   num_steps = -(-n // batch_size)
   positions = pipeline.shard_for_host(np.arange(num_steps * batch_size), process_index,
-                                      process_count)
+                                      process_count, batch_size)
 
   def index_batches():
     for s in range(num_steps):

@@ -7,10 +7,14 @@ conversion to float and the augmentation happen on the device, inside the
 jitted train step (`data.augment`), so only a quarter of the bytes cross to the
 accelerator.
 
-Multi-host: every host computes the same global permutation and keeps the
-positions `process_index, process_index + P, ...` of it (`shard_for_host`); the
-union over hosts of their step-`t` batches is exactly the single-host global
-batch `t`, and all hosts run the same number of steps.
+Multi-host: every host computes the same global permutation and keeps, of every
+global batch, its own contiguous block (`shard_for_host`: host p of P holds
+positions `[p * B/P, (p + 1) * B/P)` of each batch of B). Host p's step-`t`
+batch is then exactly block p of the single-host global batch `t`, and with
+the devices of all hosts in process order (`jax.devices()`), every device sees
+the examples it would see in one process with as many devices: per-device
+terms (BatchNorm statistics, AdvLC's top-k) do not depend on the number of
+hosts. All hosts run the same number of steps.
 """
 
 from __future__ import annotations
@@ -53,24 +57,32 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   return rng.permutation(int(num_examples)).astype(np.int64)
 
 
-def shard_for_host(indices: np.ndarray, process_index: int,
-                   process_count: int) -> np.ndarray:
-  """This host's share of a global index sequence: positions `process_index::P`.
+def shard_for_host(indices: np.ndarray, process_index: int, process_count: int,
+                   batch_size: int) -> np.ndarray:
+  """This host's share of a global index sequence cut into global batches.
 
-  The tail is cut to a multiple of `process_count` so that every host gets
-  the same number of indices (and runs the same number of steps).
+  Of every full global batch of `batch_size` indices, host p keeps block p of
+  P equal contiguous blocks; of a last partial batch of r indices, block p of
+  r // P (the r % P left over are used by no host). Hosts get disjoint shares
+  of equal length, and the union of their step-t batches is global batch t.
 
   Args:
     indices: the global order (e.g. `epoch_permutation(...)`).
     process_index: this host (`jax.process_index()`).
     process_count: the number of hosts P (`jax.process_count()`).
+    batch_size: the global batch size B (divisible by P).
   Returns:
-    `len(indices) // P` indices, disjoint across hosts.
+    This host's indices in order: `B/P` per full batch, then its tail block.
   """
   _check_process(process_index, process_count)
+  local = _local_batch_size(batch_size, process_count)
   indices = np.asarray(indices)
-  usable = len(indices) // process_count * process_count
-  return indices[process_index:usable:process_count]
+  full = len(indices) // batch_size * batch_size
+  head = indices[:full].reshape(-1, process_count, local)[:, process_index].reshape(-1)
+  tail = indices[full:]
+  tail_local = len(tail) // process_count
+  return np.concatenate([head, tail[process_index * tail_local:
+                                    (process_index + 1) * tail_local]])
 
 
 def _local_batch_size(batch_size: int, process_count: int) -> int:
@@ -133,7 +145,7 @@ def train_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, se
         f"start_step={start_step} is past the end of the epoch ({num_steps} steps "
         f"of batch {batch_size} over {len(images)} examples).")
   order = shard_for_host(epoch_permutation(len(images), seed, epoch),
-                         process_index, process_count)
+                         process_index, process_count, batch_size)
   return _iterate(images, labels, order, local_batch, start_step, num_steps)
 
 
