@@ -89,6 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
       enabled=True, eval="test", pgd_drop=0.05, pgd_rel_drop=0.5, alignment_drop=0.1,
       fgsm_over_clean=0.05, rollback=False,
       max_rollbacks=2,
+      # >0: without a rollback, stop training this many epochs after the monitor
+      # fires (a seed sweep's collapse runs need not go the full schedule).
+      stop_after_epochs=0,
       # hparam name -> ConfigDict(op="add"|"mul"|"set", value=...), applied on rollback,
       # e.g. {"attack/q": {"op": "add", "value": 0.1}} or {"reg/grad_align": {"op": "mul", "value": 2}}
       adjust=ml_collections.ConfigDict()))
@@ -152,6 +155,7 @@ FIELD_RULES = (
     ("final_eval.restarts", int, 1, None),
     ("final_eval.batch_size", int, 1, None),
     ("co_monitor.max_rollbacks", int, 0, None),
+    ("co_monitor.stop_after_epochs", int, 0, None),
 )
 # Examples per split of the datasets as TFDS serves them (a local copy may differ;
 # the loop checks again against the data it loaded).

@@ -432,6 +432,9 @@ class _Run:
     mon = self.config.co_monitor
     if not (mon.rollback and self.extra["rollbacks"] < mon.max_rollbacks and
             self.best_ckpt.all_steps()):
+      if mon.stop_after_epochs and "stop_at_step" not in self.extra:
+        last = min(self.epoch_of(step) + mon.stop_after_epochs, self.config.num_epochs)
+        self.extra["stop_at_step"] = int(self.epoch_starts[last])
       return None
     r_state, step = _rollback(self.config, self.best_ckpt, self.initial_state,
                               self.device_map.placement)
@@ -471,6 +474,10 @@ class _Run:
     if config.swa.enabled and step in self.epoch_starts and (
         self.epoch_of(step) > config.swa.start_epoch):
       r_state = self.p_swa(r_state)
+    if step == self.extra.get("stop_at_step") and step < self.num_steps:
+      self.extra["stopped_early"] = True
+      print(f"Stopping at step {step}, {config.co_monitor.stop_after_epochs} epoch(s) after "
+            f"the monitor fired (co_monitor.stop_after_epochs).", flush=True)
     due_eval = bool(self.evals_due(step))
     do_ckpt = self.is_due(step, config.checkpoint_every_steps) or step == self.num_steps
     if not (due_eval or do_ckpt):

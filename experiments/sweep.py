@@ -1,0 +1,426 @@
+"""A resumable grid of training runs (methods x ε x seeds) and its results table.
+
+  python experiments/sweep.py run cnn_seeds                # every cell, one after another
+  python experiments/sweep.py run cnn_seeds --jobs 2       # two cells at a time
+  python experiments/sweep.py run cnn_seeds --methods fgsm --seeds 0,1
+  python experiments/sweep.py report cnn_seeds             # the table and figure so far
+  python experiments/sweep.py run eps_sweep --full         # the published scale (a GPU)
+  python experiments/sweep.py run cnn_seeds --set num_epochs=2 --results /tmp/r  # any setting
+
+Each cell is one `fastadv-train` run of the grid's base config with the
+method's attack and regularizers, the cell's ε and seed (`run-cell` builds it
+in a subprocess), in its own workdir under `--scratch`: a cell killed at any
+point resumes where it stopped when the command is run again (the run state
+of `fastadv_jax.train`). When a cell ends, its summary, metrics log, config and
+final-evaluation records are copied to
+`experiments/results/sweep_<grid>[_full]/cells/<cell>/`; a cell whose results
+are there is done and never rerun, so a sweep spread over several sessions
+(or machines) only needs those small files committed. `report` builds
+`table.json`, `table.md` and `curves.png` from them: per method, the collapse
+epoch of every seed under the catastrophic-overfitting monitor's criterion
+(`fastadv_jax.monitor`: PGD accuracy of the per-epoch evaluation collapses
+while the accuracy at the FGSM point does not), its median and range, the
+final PGD-50-10 and clean accuracy of the last and best states (median,
+range), and gradient alignment at its best and at the end.
+
+Grids (`GRIDS`):
+
+* `cnn_seeds`: GradAlign §4's single-layer CNN (configs/cifar10.py:cnn_fgsm:
+  4 filters, Adam, 30 epochs, ε = 10/255) under FGSM, FGSM-RS (α = 1.25ε),
+  FGSM + GradAlign (λ from the paper's rule, 0.36 at 10/255) with 5 seeds, and
+  ZeroGrad, MultiGrad, N-FGSM and ELLE with 3; the FGSM-type runs stop 3
+  epochs after the monitor fires (`co_monitor.stop_after_epochs`),
+  GradAlign and ELLE go the full 30 epochs. About 5-7 minutes per FGSM-type
+  run on this 2-core CPU, 2-3x that for GradAlign. `--full` is the same grid
+  (it is already the paper's scale).
+* `eps_sweep`: GradAlign Fig. 1/8 in small: PreActResNet-18 at widths
+  (16, 32, 64, 128), 10,000 training images, 10 epochs, ε in {8, 16}/255, FGSM,
+  FGSM-RS, FGSM + GradAlign, N-FGSM, ZeroGrad, PGD-2, 2 seeds; `--full`: the
+  full network and training set, 30 epochs, ε in {4, 8, 12, 16}, 5 seeds
+  (GradAlign's setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+CELL_FILES = ("summary.json", "metrics.jsonl", "config.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A method of a grid: the attack and regularizers of a config variant."""
+  donor: str                     # configs/cifar10.py variant giving attack + regularizers
+  seeds: int                     # seeds run by default
+  overrides: tuple = ()          # (dotted name, value) applied after the donor's sections
+  runs_to_the_end: bool = False  # not stopped after the monitor fires
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  base: str                       # configs/cifar10.py variant: model, optimizer, schedule
+  methods: dict[str, Method]
+  eps: tuple[float, ...]
+  overrides: tuple = ()           # applied to every cell
+  full_eps: tuple[float, ...] = ()
+  full_seeds: int | None = None
+  full_overrides: tuple = ()
+
+
+_CNN_COMMON = (("co_monitor.stop_after_epochs", 3),)
+_SMALL_PREACT = (("model.kwargs", {"widths": (16, 32, 64, 128)}),
+                 ("data.train_subset", 10000), ("num_epochs", 10),
+                 ("dtype", "float32"), ("evals.test.n", 500), ("final_eval.n", 1000))
+
+GRIDS = {
+    "cnn_seeds": Grid(
+        base="cnn_fgsm", eps=(10.0,), overrides=_CNN_COMMON,
+        methods={
+            "fgsm": Method("cnn_fgsm", 5),
+            "fgsm_rs": Method("fgsm_rs", 5, (("attack.step", None),
+                                             ("attack.step_eps_ratio", 1.25))),
+            "gradalign": Method("gradalign", 5, runs_to_the_end=True),
+            "zerograd": Method("zerograd", 3),
+            "multigrad": Method("multigrad", 3),
+            "n_fgsm": Method("n_fgsm", 3),
+            "elle": Method("fgsm_elle", 3, runs_to_the_end=True),
+        }),
+    "eps_sweep": Grid(
+        base="fgsm", eps=(8.0, 16.0), overrides=_SMALL_PREACT,
+        methods={
+            "fgsm": Method("fgsm", 2),
+            "fgsm_rs": Method("fgsm_rs", 2),
+            "gradalign": Method("gradalign", 2, runs_to_the_end=True),
+            "n_fgsm": Method("n_fgsm", 2),
+            "zerograd": Method("zerograd", 2),
+            "pgd2": Method("pgd2", 2, runs_to_the_end=True),
+        },
+        full_eps=(4.0, 8.0, 12.0, 16.0), full_seeds=5,
+        full_overrides=(("data.train_subset", 0), ("num_epochs", 30))),
+}
+
+
+def _set(config, dotted: str, value) -> None:
+  *parents, leaf = dotted.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  with node.unlocked():
+    node[leaf] = value
+
+
+def build_config(grid_name: str, method_name: str, eps: float, seed: int, full: bool,
+                 settings=()):
+  """The config of one cell: the grid's base, the method's sections, ε and seed,
+  then `settings` ((dotted name, value) pairs, from --set)."""
+  grid = GRIDS[grid_name]
+  method = grid.methods[method_name]
+  config = _common.load_cifar10_config(grid.base)
+  donor = _common.load_cifar10_config(method.donor)
+  with config.unlocked():
+    config.attack = donor.attack
+    config.regularizers = donor.regularizers
+    config.eps = float(eps)
+    config.seed = int(seed)
+    config.variant = f"sweep:{grid_name}:{method_name}"
+  if not full:
+    for name, value in grid.overrides:
+      _set(config, name, value)
+  else:
+    for name, value in grid.full_overrides:
+      _set(config, name, value)
+  if method.runs_to_the_end:
+    _set(config, "co_monitor.stop_after_epochs", 0)
+  for name, value in tuple(method.overrides) + tuple(settings):
+    _set(config, name, value)
+  return config
+
+
+def parse_setting(text: str) -> tuple[str, Any]:
+  """`dotted.name=value` (a Python literal, else a string) for --set."""
+  import ast  # pylint: disable=g-import-not-at-top
+  if "=" not in text:
+    raise argparse.ArgumentTypeError(f"--set {text!r}: expected name=value")
+  name, value = text.split("=", 1)
+  try:
+    return name, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return name, value
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  method: str
+  eps: float
+  seed: int
+
+  @property
+  def name(self) -> str:
+    return f"{self.method}_eps{self.eps:g}_seed{self.seed}"
+
+
+def cells(grid_name: str, full: bool, methods=None, seeds=None, eps=None) -> list[Cell]:
+  grid = GRIDS[grid_name]
+  out = []
+  for method_name, method in grid.methods.items():
+    if methods and method_name not in methods:
+      continue
+    count = grid.full_seeds if (full and grid.full_seeds) else method.seeds
+    for e in (grid.full_eps if (full and grid.full_eps) else grid.eps):
+      if eps and e not in eps:
+        continue
+      for seed in range(count):
+        if seeds is None or seed in seeds:
+          out.append(Cell(method_name, e, seed))
+  return out
+
+
+def results_dir(args) -> str:
+  return os.path.join(args.results, f"sweep_{args.grid}" + ("_full" if args.full else ""))
+
+
+def cell_done(args, cell: Cell) -> bool:
+  return os.path.exists(os.path.join(results_dir(args), "cells", cell.name, "summary.json"))
+
+
+def _collect(workdir: str, dest: str) -> None:
+  """Copies a finished cell's small result files into the committed results."""
+  os.makedirs(os.path.join(dest, "eval"), exist_ok=True)
+  for name in CELL_FILES:
+    shutil.copy2(os.path.join(workdir, name), os.path.join(dest, name))
+  for name in os.listdir(os.path.join(workdir, "eval")):
+    shutil.copy2(os.path.join(workdir, "eval", name), os.path.join(dest, "eval", name))
+
+
+def run(args) -> None:
+  todo = [c for c in cells(args.grid, args.full, args.methods, args.seeds, args.eps)
+          if not cell_done(args, c)]
+  print(f"{args.grid}: {len(todo)} cell(s) to run", flush=True)
+  procs: list[tuple[Cell, subprocess.Popen, str]] = []
+  failed = []
+
+  def reap(block: bool) -> None:
+    for item in list(procs):
+      cell, proc, workdir = item
+      if block or proc.poll() is not None:
+        code = proc.wait()
+        procs.remove(item)
+        if code == 0 and os.path.exists(os.path.join(workdir, "summary.json")):
+          _collect(workdir, os.path.join(results_dir(args), "cells", cell.name))
+          print(f"done: {cell.name}", flush=True)
+        else:
+          failed.append(cell.name)
+          print(f"FAILED ({code}): {cell.name}; see {workdir}/sweep.log", flush=True)
+
+  import time  # pylint: disable=g-import-not-at-top
+  for cell in todo:
+    while len(procs) >= args.jobs:
+      reap(block=False)
+      time.sleep(1)
+    workdir = os.path.join(args.scratch, f"sweep_{args.grid}" + ("_full" if args.full else ""),
+                           cell.name)
+    os.makedirs(workdir, exist_ok=True)
+    cmd = [sys.executable, os.path.abspath(__file__), "run-cell", args.grid, cell.method,
+           str(cell.eps), str(cell.seed), "--workdir", workdir] + (
+               ["--full"] if args.full else []) + [
+                   f"--set={name}={value!r}" for name, value in args.settings]
+    print(f"start: {cell.name} ({workdir})", flush=True)
+    log = open(os.path.join(workdir, "sweep.log"), "a")  # pylint: disable=consider-using-with
+    procs.append((cell, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), workdir))
+  while procs:
+    reap(block=False)
+    time.sleep(1)
+  report(args)
+  if failed:
+    raise SystemExit(f"{len(failed)} cell(s) failed: {', '.join(failed)}")
+
+
+def run_cell(args) -> None:
+  from fastadv_jax import train  # pylint: disable=g-import-not-at-top
+  config = build_config(args.grid, args.method, args.cell_eps, args.seed, args.full,
+                        args.settings)
+  train.train_and_evaluate(config, args.workdir, progress=False)
+
+
+# ---------------------------------------------------------------------------
+# The report.
+
+
+def _median_range(values) -> dict[str, Any]:
+  values = [v for v in values if v is not None]
+  if not values:
+    return {"median": None, "min": None, "max": None, "n": 0}
+  return {"median": float(np.median(values)), "min": float(min(values)),
+          "max": float(max(values)), "n": len(values)}
+
+
+def _cell_summary(cell_dir: str) -> dict[str, Any]:
+  with open(os.path.join(cell_dir, "summary.json")) as f:
+    summary = json.load(f)
+  from fastadv_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  records = workdir_lib.read_records(os.path.join(cell_dir, "metrics.jsonl"))
+  evals = [r for r in records if "test/pgd_acc" in r]
+  epoch_of_step = {r["step"]: r["epoch"] for r in evals}
+  events = summary.get("co_events") or []
+  collapse = epoch_of_step.get(events[0]["step"]) if events else None
+  final = summary.get("final_eval", {})
+  out = {
+      "collapse_epoch": collapse, "stopped_early": summary.get("stopped_early"),
+      "epochs_run": evals[-1]["epoch"] if evals else None,
+      "pgd10_curve": [(r["epoch"], r["test/pgd_acc"]) for r in evals],
+      "max_grad_alignment": max((r["test/grad_alignment"] for r in evals), default=None),
+      "last_grad_alignment": evals[-1]["test/grad_alignment"] if evals else None,
+  }
+  for which in ("last", "best"):
+    rec = final.get(which)
+    out[f"{which}_pgd50_10"] = rec["robust_acc"] if rec else None
+    out[f"{which}_clean"] = rec["clean_acc"] if rec else None
+    out[f"{which}_n_robust"] = rec["n_robust"] if rec else None
+  return out
+
+
+def report(args) -> None:
+  root = results_dir(args)
+  cell_root = os.path.join(root, "cells")
+  if not os.path.isdir(cell_root):
+    print(f"No finished cells in {cell_root}.")
+    return
+  all_cells = cells(args.grid, args.full)
+  per_cell = {c.name: _cell_summary(os.path.join(cell_root, c.name)) for c in all_cells
+              if cell_done(args, c)}
+  rows = []
+  for method in GRIDS[args.grid].methods:
+    for eps in sorted({c.eps for c in all_cells}):
+      names = [c.name for c in all_cells if c.method == method and c.eps == eps]
+      done = [n for n in names if n in per_cell]
+      if not done:
+        continue
+      runs = [per_cell[n] for n in done]
+      rows.append({
+          "method": method, "eps": eps, "seeds_done": len(done), "seeds_planned": len(names),
+          "collapsed": sum(r["collapse_epoch"] is not None for r in runs),
+          "collapse_epochs": [r["collapse_epoch"] for r in runs],
+          "collapse_epoch": _median_range([r["collapse_epoch"] for r in runs]),
+          **{f"{k}": _median_range([r[k] for r in runs]) for k in (
+              "last_pgd50_10", "best_pgd50_10", "last_clean", "best_clean",
+              "max_grad_alignment", "last_grad_alignment")},
+      })
+  table = {"grid": args.grid, "full": args.full, "rows": rows, "cells": per_cell,
+           "criterion": "first event of fastadv_jax.monitor.CatastrophicOverfittingMonitor "
+                        "on the per-epoch PGD-10 evaluation (first 1,000 test points)",
+           "machine": _common.machine_info(), "versions": _common.versions()}
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, "table.json"), "w") as f:
+    json.dump(table, f, indent=2)
+
+  def fmt(stat, scale=1.0, digits=1):
+    if stat["median"] is None:
+      return "-"
+    m, lo, hi = (scale * stat[k] for k in ("median", "min", "max"))
+    return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+  lines = [f"# Sweep `{args.grid}`" + (" (full)" if args.full else ""), "",
+           "Median [min, max] over seeds. Collapse: the monitor's first event (epoch); "
+           "PGD-50-10 on the first 1,000 test points, clean on all 10,000.", "",
+           "| method | ε | seeds | collapsed | collapse epoch | last PGD-50-10 % | "
+           "best PGD-50-10 % | last clean % | alignment max → last |",
+           "|---|---:|---:|---:|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(
+        f"| {r['method']} | {r['eps']:g} | {r['seeds_done']}/{r['seeds_planned']} | "
+        f"{r['collapsed']} | {fmt(r['collapse_epoch'], digits=0)} | "
+        f"{fmt(r['last_pgd50_10'], 100)} | {fmt(r['best_pgd50_10'], 100)} | "
+        f"{fmt(r['last_clean'], 100)} | {fmt(r['max_grad_alignment'], digits=2)} → "
+        f"{fmt(r['last_grad_alignment'], digits=2)} |")
+  with open(os.path.join(root, "table.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+  _plot_curves(args.grid, per_cell, all_cells, os.path.join(root, "curves.png"))
+
+
+def _plot_curves(grid_name, per_cell, all_cells, path) -> None:
+  methods = [m for m in GRIDS[grid_name].methods
+             if any(c.name in per_cell for c in all_cells if c.method == m)]
+  if not methods:
+    return
+  plt = _common.pyplot()
+  cols = min(4, len(methods))
+  rows = -(-len(methods) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False,
+                           sharey=True)
+  for ax, method in zip(axes.flat, methods):
+    for c in all_cells:
+      if c.method != method or c.name not in per_cell:
+        continue
+      curve = np.asarray(per_cell[c.name]["pgd10_curve"])
+      label = f"ε={c.eps:g} seed {c.seed}"
+      line, = ax.plot(curve[:, 0], 100 * curve[:, 1], lw=1.2, label=label)
+      collapse = per_cell[c.name]["collapse_epoch"]
+      if collapse is not None:
+        ax.axvline(collapse, color=line.get_color(), ls=":", lw=0.8)
+    ax.set(title=method, xlabel="epoch", ylabel="PGD-10 accuracy % (n=1,000)")
+    ax.legend(fontsize=7)
+  for ax in list(axes.flat)[len(methods):]:
+    ax.axis("off")
+  fig.suptitle(f"Sweep {grid_name}: per-epoch PGD-10 accuracy of every seed "
+               f"(dotted: the monitor's collapse)", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  print(f"wrote {path}")
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  for name in ("run", "report"):
+    p = sub.add_parser(name)
+    p.add_argument("grid", choices=sorted(GRIDS))
+    p.add_argument("--full", action="store_true", help="the published scale (accelerators)")
+    p.add_argument("--results", default=_common.RESULTS_DIR,
+                   help="where sweep_<grid>/ goes (default: %(default)s)")
+    if name == "run":
+      p.add_argument("--set", dest="settings", type=parse_setting, action="append",
+                     default=[], help="name=value: a config setting for every cell")
+      p.add_argument("--jobs", type=int, default=1, help="cells run at the same time")
+      p.add_argument("--methods", type=lambda s: s.split(","), default=None)
+      p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=None)
+      p.add_argument("--eps", type=lambda s: [float(x) for x in s.split(",")], default=None)
+      p.add_argument("--scratch", default=_common.SCRATCH_DIR,
+                     help="where the cells' workdirs go (default: %(default)s)")
+  p = sub.add_parser("run-cell")
+  p.add_argument("grid", choices=sorted(GRIDS))
+  p.add_argument("method")
+  p.add_argument("cell_eps", type=float)
+  p.add_argument("seed", type=int)
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--full", action="store_true")
+  p.add_argument("--set", dest="settings", type=parse_setting, action="append", default=[])
+  args = parser.parse_args(argv)
+  if args.command == "run":
+    if args.jobs < 1:
+      parser.error(f"--jobs={args.jobs} must be >= 1")
+    unknown = set(args.methods or ()) - set(GRIDS[args.grid].methods)
+    if unknown:
+      parser.error(f"unknown method(s) {sorted(unknown)} for grid {args.grid}; choose from "
+                   f"{sorted(GRIDS[args.grid].methods)}")
+    run(args)
+  elif args.command == "report":
+    report(args)
+  else:
+    run_cell(args)
+
+
+if __name__ == "__main__":
+  main()
