@@ -771,11 +771,45 @@ def run_named_eval(settings: Mapping, logits_fn, images, labels, key, *, eps: fl
   """
   s = resolve_evals({"eval": settings})["eval"]
   indices = select_indices(len(images), s["n"], s["selection"], s["seed"])
-  return robustness_metrics(
+  processes = jax.process_count()
+  if processes > 1:
+    # Each process evaluates its share of the points (per-example keys: the
+    # same values as in one process), then the sums are gathered.
+    if len(indices) < processes:
+      raise ValueError(f"An evaluation of n={len(indices)} points cannot be shared by "
+                       f"{processes} processes: use n >= {processes}.")
+    indices = np.array_split(indices, processes)[jax.process_index()]
+  result = robustness_metrics(
       logits_fn, np.asarray(images)[indices], np.asarray(labels)[indices], key, eps=eps,
       metrics=s["metrics"], pgd_steps=s["pgd_steps"], pgd_restarts=s["pgd_restarts"],
       pgd_step=s["pgd_step_fraction"] * eps, rule=s["rule"], batch_size=s["batch_size"],
       example_ids=indices, num_devices=num_devices, progress=progress)
+  return _combine_across_processes(result) if processes > 1 else result
+
+
+def _combine_across_processes(result: dict[str, float]) -> dict[str, float]:
+  """Every process's `robustness_metrics` on its points -> the metrics on all points.
+
+  Means are weighted by their counts ("n"; "grad_alignment_n" for gradient
+  alignment) and gathered with `multihost_utils.process_allgather` (float32:
+  accuracies are exact counts; alignment sums to about 1e-7).
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  counts = {"n": result["n"], "grad_alignment_n": result.get("grad_alignment_n", 0)}
+  names = sorted(k for k in result if k not in counts)
+  weight = {k: counts["grad_alignment_n" if k == "grad_alignment" else "n"] for k in names}
+  local = np.array([result[k] * weight[k] if weight[k] else 0.0 for k in names] +
+                   [counts["n"], counts["grad_alignment_n"]], np.float32)
+  total = np.asarray(multihost_utils.process_allgather(local), np.float64).sum(axis=0)
+  combined = dict(zip(names + ["n", "grad_alignment_n"], total.tolist()))
+  out = {}
+  for k in names:
+    denominator = combined["grad_alignment_n" if k == "grad_alignment" else "n"]
+    out[k] = combined[k] / denominator if denominator else float("nan")
+  out["n"] = int(round(combined["n"]))
+  if "grad_alignment_n" in result:
+    out["grad_alignment_n"] = int(round(combined["grad_alignment_n"]))
+  return out
 
 
 # ----------------------------------------------------------------------------

@@ -29,6 +29,16 @@ def random_variables(model, seed, image_shape=(32, 32, 3)):
   return jax.tree_util.tree_map_with_path(fill, models.abstract_variables(model, image_shape))
 
 
+def far_running_statistics(variables, seed):
+  """`variables` with BatchNorm_0's running mean and variance drawn far from any
+  batch's statistics, so eval mode and batch mode give different logits."""
+  rng = np.random.default_rng(seed)
+  stats = variables["batch_stats"]["BatchNorm_0"]
+  return {"params": variables["params"], "batch_stats": {"BatchNorm_0": {
+      "mean": jnp.asarray(rng.uniform(-0.5, 0.5, stats["mean"].shape), jnp.float32),
+      "var": jnp.asarray(rng.uniform(0.2, 2.0, stats["var"].shape), jnp.float32)}}}
+
+
 class TinyConvNet(nn.Module):
   """A 2-filter conv net with BatchNorm and smooth activations (for float64
   finite-difference checks: softplus keeps second derivatives continuous).

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from fastadv_jax import closures
+from model_helpers import far_running_statistics
 
 
 class BNNet(nn.Module):
@@ -28,12 +29,8 @@ class BNNet(nn.Module):
 
 
 def _variables(seed):
-  variables = BNNet().init(jax.random.key(seed), jnp.zeros((1, 8, 8, 3)))
-  rng = np.random.default_rng(seed)
-  stats = variables["batch_stats"]["BatchNorm_0"]
-  return {"params": variables["params"], "batch_stats": {"BatchNorm_0": {
-      "mean": jnp.asarray(rng.uniform(-0.5, 0.5, stats["mean"].shape), jnp.float32),
-      "var": jnp.asarray(rng.uniform(0.2, 2.0, stats["var"].shape), jnp.float32)}}}
+  return far_running_statistics(BNNet().init(jax.random.key(seed), jnp.zeros((1, 8, 8, 3))),
+                                seed)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from fastadv_jax import evaluate
 from fastadv_jax import metrics
 from fastadv_jax import models
 from fastadv_jax import restore
+from model_helpers import far_running_statistics
 
 EPS = 8 / 255
 PGD = dict(steps=5, restarts=2)
@@ -350,12 +351,8 @@ class BNNet(nn.Module):
 def _bn_variables(seed):
   """Variables of BNNet with running statistics far from a batch's, so eval
   mode differs from batch mode."""
-  variables = BNNet().init(jax.random.key(seed), jnp.zeros((1, 8, 8, 3)))
-  rng = np.random.default_rng(seed)
-  stats = variables["batch_stats"]["BatchNorm_0"]
-  return {"params": variables["params"], "batch_stats": {"BatchNorm_0": {
-      "mean": jnp.asarray(rng.uniform(-0.5, 0.5, stats["mean"].shape), jnp.float32),
-      "var": jnp.asarray(rng.uniform(0.2, 2.0, stats["var"].shape), jnp.float32)}}}
+  return far_running_statistics(BNNet().init(jax.random.key(seed), jnp.zeros((1, 8, 8, 3))),
+                                seed)
 
 
 @pytest.fixture(scope="module")

@@ -128,6 +128,12 @@ def test_two_processes_equal_one(files, one_process_run, tmp_path):
   assert [r["step"] for r in mine] == [r["step"] for r in theirs]
   np.testing.assert_allclose([r["train/loss"] for r in mine if "train/loss" in r],
                              [r["train/loss"] for r in theirs if "train/loss" in r], rtol=1e-5)
+  # The evaluation is shared by the processes (8 points each) and gathered.
+  evals = [(a, b) for a, b in zip(mine, theirs) if "test/pgd_acc" in b]
+  assert evals and all(a["test/n"] == b["test/n"] == 16 for a, b in evals)
+  for a, b in evals:
+    for key in ("test/clean_acc", "test/pgd_acc", "test/fgsm_acc", "test/grad_alignment"):
+      np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
   assert (sorted(os.listdir(tmp_path / "run" / "checkpoints")) ==
           sorted(os.listdir(one_process_run / "checkpoints")))
 
