@@ -202,6 +202,15 @@ def _collect(workdir: str, dest: str) -> None:
     shutil.copy2(os.path.join(workdir, name), os.path.join(dest, name))
   for name in os.listdir(os.path.join(workdir, "eval")):
     shutil.copy2(os.path.join(workdir, "eval", name), os.path.join(dest, "eval", name))
+  # The code that produced the cell (an uncommitted change would say "dirty").
+  git = ["git", "-C", _common.REPO_DIR]
+  commit = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True)
+  status = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"],
+                          capture_output=True, text=True)
+  with open(os.path.join(dest, "code.json"), "w") as f:
+    json.dump({"commit": commit.stdout.strip() or None,
+               "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None,
+               "machine": _common.machine_info()}, f, indent=2)
 
 
 def run(args) -> None:
