@@ -37,6 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
       data_dir="",         # TFDS data_dir ("" = TFDS default)
       local_path="",       # a .npz or a tar(.gz)/folder of split/class/image files
       train_subset=0,      # >0: train on the first N training examples (CPU-scale runs)
+      # >0: the last N training examples are held out of training as the
+      # "validation" split, for model selection without test data (config.best).
+      validation_size=0,
   ))
   c.model = ml_collections.ConfigDict(dict(name="preact_resnet18_gradalign",
                                            kwargs=ml_collections.ConfigDict()))
@@ -142,6 +145,7 @@ FIELD_RULES = (
     ("checkpoint_every_steps", int, 0, None),
     ("keep_checkpoints", int, 1, None),
     ("data.train_subset", int, 0, None),
+    ("data.validation_size", int, 0, None),
     ("eps", float, 0.0, 255.0),
     ("schedule.lr_max", float, 0.0, None),
     ("augment.padding", int, 0, None),
@@ -192,11 +196,13 @@ def check_fields(config) -> None:
       raise ValueError(f"{name}={value!r} must be {bounds}.")
 
 
-def check_sizes(config, num_train: int | None, num_test: int | None) -> None:
+def check_sizes(config, num_train: int | None, num_test: int | None,
+                num_validation: int | None = None) -> None:
   """Checks the sizes a config asks for against the splits (None: unknown).
 
-  train_subset and the batch size against the training set, final_eval.n and
-  each evaluation's n against its split.
+  train_subset and the batch size against the training set (what is left of
+  it after the held-out validation examples), final_eval.n and each
+  evaluation's n against its split.
   """
   from fastadv_jax import evaluate  # pylint: disable=g-import-not-at-top
   if num_train is not None:
@@ -211,8 +217,11 @@ def check_sizes(config, num_train: int | None, num_test: int | None) -> None:
   if num_test is not None and config.final_eval.enabled and config.final_eval.n > num_test:
     raise ValueError(f"final_eval.n={config.final_eval.n} is larger than the "
                      f"{config.dataset} test set ({num_test} examples).")
+  if num_validation is None and num_train is not None:
+    num_validation = config.data.validation_size
   evaluate.validate_evals({k: dict(v) for k, v in config.evals.items()},
-                          split_sizes={"test": num_test, "train": num_train})
+                          split_sizes={"test": num_test, "train": num_train,
+                                       "validation": num_validation})
 
 
 def _choice(what: str, value: Any, choices) -> None:

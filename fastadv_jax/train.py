@@ -85,11 +85,14 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 class ArrayTrainData:
   """An in-memory training set (CIFAR-10/100, SVHN): one batch size throughout."""
 
-  def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int):
+  def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
+               validation: tuple[np.ndarray, np.ndarray] | None = None):
     if len(images) < batch_size:
       raise ValueError(f"batch_size={batch_size} is larger than the training set "
                        f"({len(images)} examples).")
     self.images, self.labels = images, labels
+    # Held-out training examples (config.data.validation_size), never trained on.
+    self.validation = validation
     self.batch_size, self.seed = batch_size, seed
 
   def steps_in_epoch(self, epoch: int) -> int:
@@ -166,6 +169,9 @@ def load_data(config, progress: bool = True):
   the first validation images the evaluations need (288 px centre crops).
   """
   if config.dataset == "imagenet2012":
+    if config.data.validation_size:
+      raise ValueError("data.validation_size holds out examples of in-memory datasets only; "
+                       "ImageNet runs select models on its validation set's evaluations.")
     from fastadv_jax.data import imagenet  # pylint: disable=g-import-not-at-top
     train_data = ImageNetTrainData(config)
     val = imagenet.imagenet_source("validation", data_dir=config.data.data_dir or None)
@@ -182,11 +188,19 @@ def load_data(config, progress: bool = True):
                 local_path=config.data.local_path or None, progress=progress)
   train_images, train_labels = data_lib.load_split(config.dataset, "train", **kwargs)
   test_images, test_labels = data_lib.load_split(config.dataset, "test", **kwargs)
+  held_out = config.data.validation_size
+  if held_out >= len(train_images):
+    raise ValueError(f"data.validation_size={held_out} leaves no training examples (the "
+                     f"{config.dataset} training set has {len(train_images)}).")
+  validation = (train_images[len(train_images) - held_out:],
+                train_labels[len(train_images) - held_out:])
+  train_images = train_images[:len(train_images) - held_out]
+  train_labels = train_labels[:len(train_labels) - held_out]
   if config.data.train_subset:
     train_images = train_images[:config.data.train_subset]
     train_labels = train_labels[:config.data.train_subset]
-  return (ArrayTrainData(train_images, train_labels, config.batch_size, config.seed),
-          (test_images, test_labels))
+  return (ArrayTrainData(train_images, train_labels, config.batch_size, config.seed,
+                        validation), (test_images, test_labels))
 
 
 def _apply_adjustments(hparams: dict, adjust: dict) -> dict:
@@ -235,7 +249,8 @@ class _Run:
     self.is_main = jax.process_index() == 0
     self.train_data, self.test_data = load_data(config, progress)
     if isinstance(self.train_data, ArrayTrainData):
-      config_base.check_sizes(config, len(self.train_data.images), len(self.test_data[0]))
+      config_base.check_sizes(config, len(self.train_data.images), len(self.test_data[0]),
+                              len(self.train_data.validation[0]))
     self.replays = self.method.attack.replays
     # Step at which each epoch starts; also the first batch of each data epoch.
     self.epoch_starts = np.concatenate([[0], np.cumsum(
@@ -363,6 +378,11 @@ class _Run:
     """(images, labels) of a split for evaluation during training."""
     if name == "test":
       return self.test_data
+    if name == "validation":
+      if not isinstance(self.train_data, ArrayTrainData):
+        raise ValueError("A validation split (data.validation_size) exists for in-memory "
+                         "datasets only.")
+      return self.train_data.validation
     if isinstance(self.train_data, ArrayTrainData):
       return self.train_data.images, self.train_data.labels
     # Streaming training data: the first batch of the first epoch.
@@ -548,6 +568,7 @@ class _Run:
     summary: dict[str, Any] = {"step": step, "last_eval": self.last_eval,
                                "co_events": self.co_monitor.events,
                                "stopped_early": self.extra["stopped_early"],
+                               "data": self.data_description(),
                                "rollbacks": self.extra["rollbacks"],
                                "train_seconds_this_session": train_seconds}
     if config.final_eval.enabled and finished:
@@ -562,6 +583,16 @@ class _Run:
         logging.warning("Could not plot training curves: %s", e)
       workdir_lib.write_json(os.path.join(self.workdir, SUMMARY_NAME), summary)
     return summary
+
+  def data_description(self) -> dict[str, Any]:
+    """Which examples trained and which were held out (for the run's metadata)."""
+    if not isinstance(self.train_data, ArrayTrainData):
+      return {"train": "streamed (data.imagenet)"}
+    held_out = len(self.train_data.validation[0])
+    return {"train_examples": len(self.train_data.images),
+            "validation": (f"the last {held_out} examples of the training split, never "
+                           f"trained on" if held_out else None),
+            "model_selection": f"{self.config.best.eval} ({self.evals[self.config.best.eval]['split']} split) / {self.config.best.metric}"}
 
   def completed_summary(self, step: int, stop_at: int) -> dict[str, Any] | None:
     """The summary of a run that already ended at `step`, else None."""

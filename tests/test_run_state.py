@@ -313,6 +313,29 @@ def test_divergence_leaves_only_finite_checkpoints(npz, tmp_path, optimizer, lr_
 
 
 # --------------------------------------------------------------------------
+# Model selection on held-out training examples, never on test data.
+
+
+def test_best_checkpoint_chosen_on_held_out_training_examples(npz, tmp_path):
+  config = _tiny_config(npz, **{"data.validation_size": 8, "best.eval": "validation"})
+  with config.evals.unlocked():
+    config.evals.validation = dict(config.evals.test.to_dict(), split="validation", n=8,
+                                   batch_size=8)
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"), progress=False)
+  # 32 examples, 8 held out: 24 train, 3 steps of 8 per epoch.
+  assert summary["step"] == 2 * 3
+  assert summary["data"]["train_examples"] == 24
+  assert "last 8 examples" in summary["data"]["validation"]
+  assert summary["data"]["model_selection"] == "validation (validation split) / pgd_acc"
+  _, meta = checkpoints.Checkpointer(str(tmp_path / "run" / "best")).restore_meta()
+  assert meta["eval"]["n"] == 8  # chosen on the 8 held-out points
+  with pytest.raises(ValueError, match="validation_size=32 leaves no training examples"):
+    train.train_and_evaluate(_tiny_config(npz, **{"data.validation_size": 32}),
+                             str(tmp_path / "none"), progress=False)
+  assert not (tmp_path / "none").exists()
+
+
+# --------------------------------------------------------------------------
 # The workdir lock.
 
 
