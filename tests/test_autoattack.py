@@ -335,10 +335,10 @@ def test_apgd_targeted_and_masks(multiclass):
 def test_attack_loops_do_not_recompile(binary):
   model, _, _, x, y = binary
   aa.apgd(model, x, y, KEY, eps=EPS, n_iter=N_ITER)
-  before = _apgd._apgd_run._cache_size()
+  before = _apgd._apgd_chunk._cache_size()
   aa.apgd(model, x, y, jax.random.key(7), eps=0.03, n_iter=N_ITER, mask=y == 0)
   aa.apgd(model, jnp.asarray(x), jnp.asarray(y), KEY, eps=jnp.float32(0.02), n_iter=N_ITER)
-  assert _apgd._apgd_run._cache_size() == before
+  assert _apgd._apgd_chunk._cache_size() == before
 
 
 def test_apgd_is_traceable_under_jit(binary):
@@ -366,18 +366,18 @@ def test_closure_types_give_the_same_attack(binary):
   logits_fn = closures.eval_logits_fn(LinearNet(), variables)
   np.testing.assert_allclose(logits_fn(x), model(x), rtol=1e-5, atol=1e-4)
   reference = aa.apgd(model, x, y, KEY, eps=EPS, n_iter=N_ITER)
-  before = _apgd._apgd_run._cache_size()
+  before = _apgd._apgd_chunk._cache_size()
   for fn in (logits_fn, lambda z: logits_fn(z)):
     result = aa.apgd(fn, x, y, KEY, eps=EPS, n_iter=N_ITER)
     np.testing.assert_array_equal(np.asarray(result.fooled), np.asarray(reference.fooled))
     np.testing.assert_allclose(np.asarray(result.x_adv), np.asarray(reference.x_adv),
                                atol=1e-6)
-  compiled = _apgd._apgd_run._cache_size()
+  compiled = _apgd._apgd_chunk._cache_size()
   assert compiled > before
   other = closures.eval_logits_fn(LinearNet(), jax.tree_util.tree_map(
       lambda v: 2 * v, variables))
   aa.apgd(other, x, y, KEY, eps=EPS, n_iter=N_ITER)
-  assert _apgd._apgd_run._cache_size() == compiled
+  assert _apgd._apgd_chunk._cache_size() == compiled
 
 
 # ---------------------------------------------------------------------------
@@ -421,6 +421,101 @@ def test_autoattack_same_seed_same_result(multiclass, multiclass_result):
   np.testing.assert_array_equal(np.asarray(again.x_adv), np.asarray(multiclass_result.x_adv))
   np.testing.assert_array_equal(again.stage_fooled, multiclass_result.stage_fooled)
   assert again.robust_accuracy == multiclass_result.robust_accuracy
+
+
+# ---------------------------------------------------------------------------
+# Compaction: every stage, target, restart and block of Square queries runs on
+# the points still to fool only, packed into bucketed shapes.
+
+def test_bucket_sizes():
+  from fastadv_jax.autoattack import _common
+  sizes = [_common.bucket_size(n, 10 ** 6) for n in range(1, 1000)]
+  assert sizes[:8] == [8] * 8
+  assert all(s >= n for n, s in zip(range(1, 1000), sizes))
+  assert all(s <= max(8, 1.5 * n) for n, s in zip(range(1, 1000), sizes))  # waste < 1/3
+  assert np.all(np.diff(sizes) >= 0) and len(set(sizes)) <= 16  # few shapes
+  assert _common.bucket_size(200, 100) == 100  # capped at the batch size
+
+
+def test_chunking_and_compaction_do_not_change_results(multiclass, multiclass_result):
+  """One chunk of 16, chunks of 8 (the fixture) and a subset with its ids: the
+  same per-point result (x_adv, stage), every point in the ball and the box."""
+  model, _, _, x, y = multiclass
+  common = dict(eps=EPS, n_iter=N_ITER, n_target_classes=N_TARGETS, n_queries=N_QUERIES)
+  whole = aa.autoattack(model, x, y, KEY, batch_size=None, **common)
+  for other in (whole,):
+    np.testing.assert_array_equal(other.robust, multiclass_result.robust)
+    np.testing.assert_array_equal(other.stage_fooled, multiclass_result.stage_fooled)
+    np.testing.assert_allclose(np.asarray(other.x_adv), np.asarray(multiclass_result.x_adv),
+                               atol=1e-6)
+  assert_in_ball_and_box(whole.x_adv, x, EPS)
+  ids = np.array([13, 2, 7, 0, 9, 5])
+  sub = aa.autoattack(model, x[ids], y[ids], KEY, batch_size=4, example_ids=ids, **common)
+  np.testing.assert_array_equal(sub.robust, whole.robust[ids])
+  np.testing.assert_array_equal(sub.stage_fooled, whole.stage_fooled[ids])
+  np.testing.assert_allclose(np.asarray(sub.x_adv), np.asarray(whole.x_adv)[ids], atol=1e-6)
+
+
+@pytest.mark.parametrize("attack", ["apgd-t", "fab-t", "square"])
+def test_packed_attack_equals_the_full_batch(multiclass, attack, monkeypatch):
+  """Each target/restart/query block runs on the points still to fool, packed
+  into a smaller bucket; without packing (the whole batch, masked, as under an
+  outer jit): the same result."""
+  from fastadv_jax.autoattack import _common
+  model, _, _, x, y = multiclass
+  x = np.concatenate([x, x[:8]])  # 24 points: packing into 8 or 12 rows saves work
+  y = np.concatenate([y, y[:8]])
+  if attack == "apgd-t":
+    run = lambda: aa.apgd_targeted(model, x, y, KEY, eps=EPS, n_iter=N_ITER,
+                                   n_target_classes=N_TARGETS, warn=False)
+  elif attack == "fab-t":
+    run = lambda: aa.fab_targeted(model, x, y, KEY, eps=EPS, n_iter=N_ITER,
+                                  n_target_classes=N_TARGETS, n_restarts=2)
+  else:
+    run = lambda: aa.square(model, x, y, KEY, eps=EPS, n_queries=N_QUERIES, n_restarts=2)
+  packings = []
+  compact_rows = _common.compact_rows
+
+  def recording(active):
+    packing = compact_rows(active)
+    packings.append(packing)
+    return packing
+
+  monkeypatch.setattr(_common, "compact_rows", recording)
+  packed = run()
+  assert any(p is not None and p[0].size < len(x) for p in packings)  # it did pack
+  monkeypatch.setattr(_common, "compact_rows", lambda active: None)
+  full = run()
+  np.testing.assert_array_equal(np.asarray(packed.fooled), np.asarray(full.fooled))
+  np.testing.assert_allclose(np.asarray(packed.x_adv), np.asarray(full.x_adv), atol=1e-6)
+  assert_in_ball_and_box(packed.x_adv, x, EPS)
+  assert 0 < np.mean(np.asarray(packed.fooled)) < 1
+
+
+def test_ensemble_does_not_recompile_within_a_bucket(multiclass, multiclass_result):
+  """Chunks of 8 only ever use 8-row buckets: other points and keys reuse the
+  compiled attack loops."""
+  from fastadv_jax.autoattack import _fab, _square
+  del multiclass_result  # compiled the 8-row programs
+  model, _, _, x, y = multiclass
+  loops = (_apgd._apgd_init, _apgd._apgd_chunk, _fab._fab_chunk, _square._square_chunk)
+  before = [f._cache_size() for f in loops]
+  order = np.random.default_rng(3).permutation(len(x))
+  aa.autoattack(model, x[order], y[order], jax.random.key(5), eps=EPS, n_iter=N_ITER,
+                n_target_classes=N_TARGETS, n_queries=N_QUERIES, batch_size=BATCH,
+                checks=False)
+  assert [f._cache_size() for f in loops] == before
+
+
+def test_autoattack_progress_bars(multiclass, capsys):
+  model, _, _, x, y = multiclass
+  result = aa.autoattack(model, x, y, KEY, eps=EPS, n_iter=N_ITER, n_target_classes=N_TARGETS,
+                         n_queries=N_QUERIES, batch_size=BATCH, progress=True, checks=False)
+  err = capsys.readouterr().err
+  for stage, name in enumerate(("APGD-CE", "APGD-T", "FAB-T", "SQUARE"), start=1):
+    assert f"{name} ({stage}/4)" in err
+  assert "robust=" in err
+  assert f"robust={int(result.robust.sum())}" in err
 
 
 def test_rand_version_with_a_stochastic_model(multiclass):

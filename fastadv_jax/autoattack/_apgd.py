@@ -93,76 +93,80 @@ def _project_l2(x, x_new, eps):
   return jnp.clip(x + _normalize_l2(delta) * jnp.minimum(eps, norm), 0.0, 1.0)
 
 
-def random_start(x: Array, key: Array, eps, norm: str) -> Array:
-  """x + eps * t / ||t|| clipped to the box; t ~ U[-1, 1]^d (Linf) or N(0, I) (L2)."""
+def random_start(x: Array, keys: Array, eps, norm: str) -> Array:
+  """x + eps * t / ||t|| clipped to the box; t ~ U[-1, 1]^d (Linf) or N(0, I) (L2).
+
+  `keys`: (B,) per-example keys (`_common.row_keys`); row b of t is drawn from
+  keys[b] alone.
+  """
   if norm == "linf":
-    t = _common.uniform_noise(key, x.shape)
+    t = _common.row_uniform(keys, x.shape[1:])
     t = t / _common.expand_to(_common.per_example_max_abs(t) + 1e-12, t)
   else:
-    t = _normalize_l2(_common.normal_noise(key, x.shape))
+    t = _normalize_l2(_common.row_normal(keys, x.shape[1:]))
   return jnp.clip(x + jnp.asarray(eps, jnp.float32) * t, 0.0, 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("norm", "loss", "n_iter", "eot_iter", "stochastic"))
-def _apgd_run(fn, x, y, target, x_start, key, eps, rho, *, norm, loss, n_iter, eot_iter,
-              stochastic):
-  """One APGD run (one restart) on the whole batch, from `x_start`.
-
-  Returns:
-    x_best_adv: last misclassified iterate (the start point where never fooled),
-    robust: (B,) bool, no iterate was misclassified,
-    loss_best: (B,) highest loss seen, x_best: the point attaining it,
-    degenerate_grad: (B,) bool, zero/non-finite gradient at the start point,
-    step_size: (B,) the final step size.
-  """
+def _loss_and_grad(fn, x_adv, y, target, k, *, loss, eot_iter, stochastic):
+  """(grad, per-example losses, logits) at x_adv (EOT-averaged gradient)."""
   loss_per_example = _LOSS_FNS[loss]
+
+  def one_sample(sample_key):
+    def total(xa):
+      logits = _common.call_logits(fn, xa, sample_key, stochastic)
+      losses = loss_per_example(logits, y, target)
+      # Sum, not mean: per-example gradients independent of the batch size.
+      return jnp.sum(losses), (losses, logits)
+    (_, (losses, logits)), grad = jax.value_and_grad(total, has_aux=True)(x_adv)
+    return grad, losses, logits
+
+  if not stochastic or eot_iter == 1:
+    # A deterministic model gives eot_iter identical gradients: compute one.
+    return one_sample(k)
+
+  def accumulate(grad_sum, sample_key):
+    grad, losses, logits = one_sample(sample_key)
+    return grad_sum + grad, (losses, logits)
+  grad_sum, (losses, logits) = jax.lax.scan(
+      accumulate, jnp.zeros_like(x_adv), jax.random.split(k, eot_iter))
+  # As the reference: averaged gradient, loss and logits of the last sample.
+  return grad_sum / eot_iter, losses[-1], logits[-1]
+
+
+def _model_key(key, i, stochastic):
+  # `key` only feeds a stochastic model (fresh randomness per forward pass).
+  return jax.random.fold_in(key, i) if stochastic else None
+
+
+@functools.partial(jax.jit, static_argnames=("loss", "n_iter", "eot_iter", "stochastic"))
+def _apgd_init(fn, x, y, target, x_start, key, eps, *, loss, n_iter, eot_iter, stochastic):
+  """The state of an APGD run at its start point (the loss and gradient there)."""
   eps = jnp.asarray(eps, jnp.float32)
   batch = x.shape[0]
-
-  def loss_and_grad(x_adv, k):
-    def one_sample(sample_key):
-      def total(xa):
-        logits = _common.call_logits(fn, xa, sample_key, stochastic)
-        losses = loss_per_example(logits, y, target)
-        # Sum, not mean: per-example gradients independent of the batch size.
-        return jnp.sum(losses), (losses, logits)
-      (_, (losses, logits)), grad = jax.value_and_grad(total, has_aux=True)(x_adv)
-      return grad, losses, logits
-
-    if not stochastic or eot_iter == 1:
-      # A deterministic model gives eot_iter identical gradients: compute one.
-      return one_sample(k)
-
-    def accumulate(grad_sum, sample_key):
-      grad, losses, logits = one_sample(sample_key)
-      return grad_sum + grad, (losses, logits)
-    grad_sum, (losses, logits) = jax.lax.scan(
-        accumulate, jnp.zeros_like(x_adv), jax.random.split(k, eot_iter))
-    # As the reference: averaged gradient, loss and logits of the last sample.
-    return grad_sum / eot_iter, losses[-1], logits[-1]
-
-  def model_key(i):
-    # `key` only feeds a stochastic model (fresh randomness per forward pass).
-    return jax.random.fold_in(key, i) if stochastic else None
-
-  x_adv = x_start
-  grad, losses, logits = loss_and_grad(x_adv, model_key(n_iter))
-  degenerate_grad = checks.gradient_is_degenerate(grad)
-  robust = jnp.argmax(logits, -1) == y
-
-  is_checkpoint, ks = checkpoint_schedule(n_iter)
-  is_checkpoint, ks = jnp.asarray(is_checkpoint), jnp.asarray(ks)
-  window = max(int(0.22 * n_iter), 1)  # the largest k
-
+  grad, losses, logits = _loss_and_grad(
+      fn, x_start, y, target, _model_key(key, n_iter, stochastic), loss=loss,
+      eot_iter=eot_iter, stochastic=stochastic)
   state = dict(
-      x_adv=x_adv, x_adv_old=x_adv, grad=grad,
-      x_best=x_adv, grad_best=grad, loss_best=losses,
-      x_best_adv=x_adv, robust=robust,
+      x_adv=x_start, x_adv_old=x_start, grad=grad,
+      x_best=x_start, grad_best=grad, loss_best=losses,
+      x_best_adv=x_start, robust=jnp.argmax(logits, -1) == y,
       step_size=jnp.full((batch,), 2.0, jnp.float32) * eps,
       loss_steps=jnp.zeros((n_iter, batch), jnp.float32),
       loss_best_last_check=losses,
       reduced_last_check=jnp.ones((batch,), bool),
   )
+  return state, checks.gradient_is_degenerate(grad)
+
+
+@functools.partial(jax.jit, static_argnames=("norm", "loss", "n_iter", "eot_iter", "stochastic",
+                                             "length", "unrolled"))
+def _apgd_chunk(fn, x, y, target, key, eps, rho, state, i0, *, norm, loss, n_iter, eot_iter,
+                stochastic, length, unrolled):
+  """Iterations i0 .. i0 + length - 1 of an APGD run (Alg. 1 of Croce & Hein 2020)."""
+  eps = jnp.asarray(eps, jnp.float32)
+  is_checkpoint, ks = checkpoint_schedule(n_iter)
+  is_checkpoint, ks = jnp.asarray(is_checkpoint), jnp.asarray(ks)
+  window = max(int(0.22 * n_iter), 1)  # the largest k
 
   def body(i, s):
     x_adv = s["x_adv"]
@@ -180,7 +184,8 @@ def _apgd_run(fn, x, y, target, x_start, key, eps, rho, *, norm, loss, n_iter, e
       x1 = x_adv + (x1 - x_adv) * a + momentum_diff * (1 - a)
       x1 = _project_l2(x, x1, eps)
 
-    grad, losses, logits = loss_and_grad(x1, model_key(i))
+    grad, losses, logits = _loss_and_grad(fn, x1, y, target, _model_key(key, i, stochastic),
+                                          loss=loss, eot_iter=eot_iter, stochastic=stochastic)
     correct = jnp.argmax(logits, -1) == y
     robust = s["robust"] & correct
     x_best_adv = jnp.where(_common.expand_to(~correct, x), x1, s["x_best_adv"])
@@ -218,7 +223,30 @@ def _apgd_run(fn, x, y, target, x_start, key, eps, rho, *, norm, loss, n_iter, e
                                      s["reduced_last_check"]),
     )
 
-  state = jax.lax.fori_loop(0, n_iter, body, state)
+  return _common.iterate(body, state, i0, length, unrolled)
+
+
+def _apgd_run(fn, x, y, target, x_start, key, eps, rho, *, norm, loss, n_iter, eot_iter,
+              stochastic):
+  """One APGD run (one restart) on the whole batch, from `x_start`.
+
+  The iterations run in compiled chunks (`_common.loop_chunks`); every row is
+  independent of the others, so a row's result does not depend on the batch.
+
+  Returns:
+    x_best_adv: last misclassified iterate (the start point where never fooled),
+    robust: (B,) bool, no iterate was misclassified,
+    loss_best: (B,) highest loss seen, x_best: the point attaining it,
+    degenerate_grad: (B,) bool, zero/non-finite gradient at the start point,
+    step_size: (B,) the final step size.
+  """
+  statics = dict(loss=loss, n_iter=n_iter, eot_iter=eot_iter, stochastic=stochastic)
+  state, degenerate_grad = _apgd_init(fn, x, y, target, x_start, key, eps, **statics)
+  chunks, unrolled = _common.loop_chunks(n_iter)
+  for i0, length in chunks:
+    state = _apgd_chunk(fn, x, y, target, key, eps, rho, state, jnp.int32(i0), norm=norm,
+                        length=length, unrolled=unrolled, **statics)
+    _common.tick(length, wait_for=state["robust"])
   return (state["x_best_adv"], state["robust"], state["loss_best"], state["x_best"],
           degenerate_grad, state["step_size"])
 
@@ -234,27 +262,44 @@ def _validate(x, y, eps, norm, n_iter, n_restarts, rho, eot_iter, mask):
   return norm
 
 
-def _run_restarts(fn, x, y, target, key, eps, rho, attackable, *, norm, loss, n_iter,
+def _run_restarts(fn, x, y, target, keys, key, eps, rho, attackable, *, norm, loss, n_iter,
                   n_restarts, eot_iter, stochastic, x_adv, fooled, info):
   """Runs restarts on the points of `attackable` not yet fooled; returns the
-  updated (x_adv, fooled, info)."""
+  updated (x_adv, fooled, info).
+
+  Each restart runs on the points still to fool only, packed into a bucketed
+  batch (`_common.on_active_rows`), as the reference attacks only them.
+  `keys`: (B,) per-example keys (random starts); `key`: the model's key (a
+  stochastic model's randomness, per forward pass).
+  """
   for restart in range(n_restarts):
     active = attackable & ~fooled
     if not _common.any_concrete(active):
+      _common.tick(n_iter * (n_restarts - restart))
       break
-    key_start, key_model = jax.random.split(jax.random.fold_in(key, restart))
-    x_best_adv, robust, loss_best, x_best, degenerate, step_size = _apgd_run(
-        fn, x, y, target, random_start(x, key_start, eps, norm), key_model,
-        _common.scalar(eps), _common.scalar(rho),
-        norm=norm, loss=loss, n_iter=n_iter, eot_iter=eot_iter, stochastic=stochastic)
-    newly_fooled = active & ~robust
-    x_adv = jnp.where(_common.expand_to(newly_fooled, x), x_best_adv, x_adv)
-    fooled = fooled | newly_fooled
-    better = active & (loss_best > info["loss_best"])
-    info["loss_best"] = jnp.where(better, loss_best, info["loss_best"])
-    info["x_best"] = jnp.where(_common.expand_to(better, x), x_best, info["x_best"])
-    info["zero_grad"] = info["zero_grad"] | (active & degenerate)
-    info["step_size"] = jnp.where(active, step_size, info["step_size"])
+    _common.report_active(active)
+    key_model = jax.random.fold_in(key, restart)
+
+    def step(active, x, y, target, keys, state):
+      x_adv, fooled, info = state
+      x_best_adv, robust, loss_best, x_best, degenerate, step_size = _apgd_run(
+          fn, x, y, target, random_start(x, _common.fold_rows(keys, restart), eps, norm),
+          key_model, _common.scalar(eps), _common.scalar(rho),
+          norm=norm, loss=loss, n_iter=n_iter, eot_iter=eot_iter, stochastic=stochastic)
+      newly_fooled = active & ~robust
+      x_adv = jnp.where(_common.expand_to(newly_fooled, x), x_best_adv, x_adv)
+      fooled = fooled | newly_fooled
+      info = dict(info)
+      better = active & (loss_best > info["loss_best"])
+      info["loss_best"] = jnp.where(better, loss_best, info["loss_best"])
+      info["x_best"] = jnp.where(_common.expand_to(better, x), x_best, info["x_best"])
+      info["zero_grad"] = info["zero_grad"] | (active & degenerate)
+      info["step_size"] = jnp.where(active, step_size, info["step_size"])
+      return x_adv, fooled, info
+
+    x_adv, fooled, info = _common.on_active_rows(
+        step, active, (x, y, target, keys), (x_adv, fooled, info))
+  _common.report_active(attackable & ~fooled)
   return x_adv, fooled, info
 
 
@@ -273,7 +318,7 @@ def _maybe_warn(info, attackable, name, warn):
 def apgd(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "linf",
          loss: str = "ce", n_iter: int = 100, n_restarts: int = 1, rho: float = 0.75,
          eot_iter: int = 1, mask=None, stochastic: bool = False,
-         warn: bool = True) -> AttackResult:
+         warn: bool = True, example_ids=None) -> AttackResult:
   """Untargeted APGD (Croce & Hein 2020, Alg. 1) with the CE or DLR loss.
 
   Each restart attacks only the points still robust; a point counts as fooled
@@ -296,6 +341,9 @@ def apgd(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "linf",
     eot_iter: gradients averaged per step (Expectation over Transformation;
       20 in AutoAttack "rand"); only matters when `stochastic`.
     mask: optional (B,) bool, the points to attack (default: all).
+    example_ids: optional (B,) ints, the points' ids (e.g. their test-set
+      indices; default 0..B-1). A point's random draws come from `key` and its
+      id alone, so its result does not depend on the batch it is attacked in.
     stochastic: call `logits_fn(x, key)` with a fresh key per forward pass.
     warn: emit `GradientMaskingWarning` for zero gradients (concrete calls only).
 
@@ -318,8 +366,10 @@ def apgd(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "linf",
                      f"{clean_logits.shape[-1]}.")
   clean_correct = jnp.argmax(clean_logits, -1) == y
   attackable = mask & clean_correct
+  key_rows, key_model = jax.random.split(key_attack)
+  keys = _common.example_keys(key_rows, example_ids, x.shape[0])
   x_adv, fooled, info = _run_restarts(
-      fn, x, y, None, key_attack, eps, rho, attackable, norm=norm, loss=loss,
+      fn, x, y, None, keys, key_model, eps, rho, attackable, norm=norm, loss=loss,
       n_iter=n_iter, n_restarts=n_restarts, eot_iter=eot_iter, stochastic=stochastic,
       x_adv=x, fooled=jnp.zeros_like(attackable), info=_initial_info(x))
   _maybe_warn(info, attackable, f"APGD-{loss.upper()}", warn)
@@ -340,7 +390,8 @@ def target_classes(clean_logits: Array, n_target_classes: int) -> Array:
 def apgd_targeted(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "linf",
                   n_target_classes: int = 9, n_iter: int = 100, n_restarts: int = 1,
                   rho: float = 0.75, eot_iter: int = 1, mask=None,
-                  stochastic: bool = False, warn: bool = True) -> AttackResult:
+                  stochastic: bool = False, warn: bool = True,
+                  example_ids=None) -> AttackResult:
   """APGD-T: APGD on the targeted DLR loss (Eq. 7), one run per target class.
 
   Targets are the `n_target_classes` classes with the highest clean logits
@@ -371,10 +422,13 @@ def apgd_targeted(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "li
   clean_correct = jnp.argmax(clean_logits, -1) == y
   attackable = mask & clean_correct
   targets = target_classes(clean_logits, n_target_classes)
+  key_rows, key_model = jax.random.split(key_attack)
+  keys = _common.example_keys(key_rows, example_ids, x.shape[0])
   x_adv, fooled, info = x, jnp.zeros_like(attackable), _initial_info(x)
   for t in range(n_target_classes):
     x_adv, fooled, info = _run_restarts(
-        fn, x, y, targets[t], jax.random.fold_in(key_attack, t), eps, rho, attackable,
+        fn, x, y, targets[t], _common.fold_rows(keys, t), jax.random.fold_in(key_model, t),
+        eps, rho, attackable,
         norm=norm, loss="dlr-targeted", n_iter=n_iter, n_restarts=n_restarts,
         eot_iter=eot_iter, stochastic=stochastic, x_adv=x_adv, fooled=fooled, info=info)
   _maybe_warn(info, attackable, "APGD-T", warn)

@@ -20,8 +20,9 @@ Alg. 2 (Linf), following the reference implementation (fra31/auto-attack
 Differences from the reference, on purpose: square positions and colours are
 drawn per example (the Square Attack paper's algorithm; the reference draws one
 square for the whole batch per query), and the loop runs on the full batch with
-a mask of points still to fool, stopping early (`lax.while_loop`) once all are
-fooled.
+a mask of points still to fool, in compiled calls of `QUERIES_PER_CALL`
+queries; between calls the points still to fool are packed into a smaller
+bucketed batch (the reference drops fooled points at every query).
 """
 
 from __future__ import annotations
@@ -72,40 +73,59 @@ def _margin_and_loss(logits, y, loss):
   return margin, -ce
 
 
-def _stripes(x, key):
-  """(B, 1, W, C) random signs: the vertical-stripe initialization."""
-  # Signs of the shared U[-1, 1] draw (one compiled draw for all attacks).
-  return jnp.sign(_common.uniform_noise(key, x.shape)[:, :1])
+def _stripes(x, keys):
+  """(B, 1, W, C) random signs: the vertical-stripe initialization (row b from keys[b])."""
+  return jnp.sign(_common.row_uniform(keys, (1,) + x.shape[2:]))
+
+
+# Queries per compiled call: between calls the driver packs the points still to
+# fool into a smaller bucket (the reference drops fooled points every query).
+QUERIES_PER_CALL = 100
+
+
+@functools.partial(jax.jit, static_argnames=("loss", "stochastic"))
+def _square_init(fn, x, y, stripes, key, eps, *, loss, stochastic):
+  """The vertical-stripe start and its margin/loss."""
+  x_best = jnp.clip(x + jnp.asarray(eps, jnp.float32) * stripes, 0.0, 1.0)
+  k = jax.random.fold_in(key, -1) if stochastic else None
+  margin, loss_value = _margin_and_loss(_common.call_logits(fn, x_best, k, stochastic), y, loss)
+  return x_best, margin, loss_value
 
 
 @functools.partial(jax.jit, static_argnames=("n_queries", "p_init", "rescale", "loss",
                                              "stochastic"))
-def _square_run(fn, x, y, stripes, key, eps, active, *, n_queries, p_init, rescale, loss,
-                stochastic):
-  """One Square Attack run; returns (x_best, fooled, margin_min, queries per example)."""
+def _square_chunk(fn, x, y, keys, key, eps, active, state, i0, i_end, *, n_queries, p_init,
+                  rescale, loss, stochastic):
+  """Square iterations i0 .. i_end - 1 (fewer once every active point is fooled).
+
+  state: (x_best, margin_min, loss_min, queries); returns (the iteration
+  reached, state).
+  """
   batch, height, width, channels = x.shape
   eps = jnp.asarray(eps, jnp.float32)
   sizes = jnp.asarray(square_sizes(n_queries, height, width, p_init, rescale))
+  rows = jnp.arange(height)[None, :, None, None]
+  cols = jnp.arange(width)[None, None, :, None]
 
   def evaluate(x_eval, i):
     k = jax.random.fold_in(key, i) if stochastic else None
     return _margin_and_loss(_common.call_logits(fn, x_eval, k, stochastic), y, loss)
 
-  x_best = jnp.clip(x + eps * stripes, 0.0, 1.0)
-  margin_min, loss_min = evaluate(x_best, n_queries)
-  rows = jnp.arange(height)[None, :, None, None]
-  cols = jnp.arange(width)[None, None, :, None]
+  # Random bits per example and query (square position, per-channel signs),
+  # drawn for the whole block at once: query i of row b from fold_in(keys[b], i).
+  block = jnp.asarray(i0, jnp.int32) + jnp.arange(QUERIES_PER_CALL, dtype=jnp.int32)
+  all_bits = jax.vmap(lambda k: jax.vmap(
+      lambda i: jax.random.bits(jax.random.fold_in(k, i), (2 + channels,), jnp.uint32))(block)
+                      )(keys)  # (B, QUERIES_PER_CALL, 2 + C)
 
-  def cond(state):
-    i, _, margin_min, _, _ = state
-    return (i < n_queries) & jnp.any(active & (margin_min > 0))
+  def cond(carry):
+    i, (_, margin_min, _, _) = carry
+    return (i < i_end) & jnp.any(active & (margin_min > 0))
 
-  def body(state):
-    i, x_best, margin_min, loss_min, queries = state
+  def body(carry):
+    i, (x_best, margin_min, loss_min, queries) = carry
     s = sizes[i]
-    # One draw of random bits per query (a single threefry call site keeps the
-    # compiled loop small): square position and per-channel signs per example.
-    bits = jax.random.bits(jax.random.fold_in(key, i), (batch, 2 + channels), jnp.uint32)
+    bits = jax.lax.dynamic_index_in_dim(all_bits, i - i0, axis=1, keepdims=False)
     # Uniform over {0, ..., H - s - 1} as the reference's random_int(0, h - s)
     # (0 when the square covers the whole side); the modulo bias is < 1e-8.
     top = (bits[:, 0] % jnp.maximum(height - s, 1).astype(jnp.uint32)).astype(jnp.int32)
@@ -123,13 +143,47 @@ def _square_run(fn, x, y, stripes, key, eps, active, *, n_queries, p_init, resca
     accept = to_fool & (improved | (margin <= 0))
     margin_min = jnp.where(accept, margin, margin_min)
     x_best = jnp.where(accept[:, None, None, None], x_new, x_best)
-    return i + 1, x_best, margin_min, loss_min, queries + to_fool.astype(jnp.int32)
+    return i + 1, (x_best, margin_min, loss_min, queries + to_fool.astype(jnp.int32))
 
+  return jax.lax.while_loop(cond, body, (jnp.asarray(i0, jnp.int32), state))
+
+
+def _square_run(fn, x, y, keys, key, eps, active, *, n_queries, p_init, rescale, loss,
+                stochastic):
+  """One Square Attack run; returns (x_best, fooled, margin_min, queries per example).
+
+  Runs `QUERIES_PER_CALL` queries per compiled call; between calls only the
+  points still to fool go on, packed into a bucketed batch (when concrete).
+  """
+  statics = dict(loss=loss, stochastic=stochastic)
+  x_best, margin_min, loss_min = _square_init(fn, x, y, _stripes(x, keys), key, eps, **statics)
   # Queries count the initial evaluation, as the reference's n_queries.
-  init = (jnp.asarray(0), x_best, margin_min, loss_min, jnp.ones((batch,), jnp.int32))
-  _, x_best, margin_min, _, queries = jax.lax.while_loop(cond, body, init)
+  state = (x_best, margin_min, loss_min, jnp.where(active, 1, 0).astype(jnp.int32))
+  i = 0
+  while i < n_queries:
+    to_fool = active & (state[1] > 0)
+    if not _common.any_concrete(to_fool):
+      break
+    _common.report_active(to_fool)
+    # Blocks start at multiples of QUERIES_PER_CALL (one compiled program).
+    i_end = min((i // QUERIES_PER_CALL + 1) * QUERIES_PER_CALL, n_queries)
+    reached = []
+
+    def step(to_fool, x, y, keys, state, i0=i, i_end=i_end):
+      i_reached, state = _square_chunk(
+          fn, x, y, keys, key, eps, to_fool, state, jnp.int32(i0), jnp.int32(i_end),
+          n_queries=n_queries, p_init=p_init, rescale=rescale, **statics)
+      reached.append(i_reached)
+      return state
+
+    state = _common.on_active_rows(step, to_fool, (x, y, keys), state)
+    i_next = int(reached[0]) if not _common.is_traced(reached[0]) else i_end
+    _common.tick(i_next - i)
+    i = i_next if i_next > i else i_end
+  _common.tick(n_queries - i)
+  x_best, margin_min, _, queries = state
   # Final decision by argmax, as the reference re-evaluates its output.
-  logits = _common.call_logits(
+  logits = _common.predict(
       fn, x_best, jax.random.fold_in(key, n_queries + 1) if stochastic else None, stochastic)
   fooled = jnp.argmax(logits, -1) != y
   return x_best, fooled, margin_min, queries
@@ -138,14 +192,14 @@ def _square_run(fn, x, y, stripes, key, eps, active, *, n_queries, p_init, resca
 def square(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "linf",
            n_queries: int = 5000, n_restarts: int = 1, p_init: float = 0.8,
            loss: str = "margin", rescale_schedule: bool = False, mask=None,
-           stochastic: bool = False) -> AttackResult:
+           stochastic: bool = False, example_ids=None) -> AttackResult:
   """Untargeted Square Attack, Linf (Andriushchenko et al. 2020, Alg. 1-2).
 
   Only forward passes of `logits_fn` are used. Each restart attacks the points
   still robust.
 
   Args:
-    logits_fn, y, key, eps, mask, stochastic: as in `apgd`.
+    logits_fn, y, key, eps, mask, stochastic, example_ids: as in `apgd`.
     x: (B, H, W, C) images in [0, 1] (NHWC: squares are spatial).
     norm: "linf" only (the L2 variant is not implemented).
     n_queries: iterations (queries after the initial one) per restart; 5000 in
@@ -176,6 +230,8 @@ def square(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "linf",
     raise ValueError(f"Unknown Square loss {loss!r}; choose one of {list(LOSSES)}.")
   fn, x, y, mask = _common.prepare(logits_fn, x, y, mask)
   key_clean, key_attack = jax.random.split(key)
+  key_rows, key_model = jax.random.split(key_attack)
+  keys = _common.example_keys(key_rows, example_ids, x.shape[0])
   clean_logits = _common.predict(fn, x, key_clean, stochastic)
   _common.check_labels_in_range(y, clean_logits.shape[-1])
   clean_correct = jnp.argmax(clean_logits, -1) == y
@@ -188,9 +244,9 @@ def square(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "linf",
     active = attackable & ~fooled
     if not _common.any_concrete(active):
       break
-    key_start, key_loop = jax.random.split(jax.random.fold_in(key_attack, restart))
     x_found, fooled_run, margin_run, n_used = _square_run(
-        fn, x, y, _stripes(x, key_start), key_loop, _common.scalar(eps), active,
+        fn, x, y, _common.fold_rows(keys, restart),
+        jax.random.fold_in(key_model, restart), _common.scalar(eps), active,
         n_queries=n_queries, p_init=float(p_init), rescale=bool(rescale_schedule),
         loss=loss, stochastic=stochastic)
     newly_fooled = active & fooled_run

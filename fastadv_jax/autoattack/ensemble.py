@@ -13,10 +13,14 @@ misclassifies the adversarial example an attack returned for it.
   samples per gradient, 1 restart each (give `stochastic=True` and a
   `logits_fn(x, key)`).
 
-Compaction: the Python driver gathers the still-robust points into chunks of
-`batch_size` (the last one padded and masked), so every compiled attack sees
-one fixed shape and work shrinks with the robust set, like the reference's
-index sets. The attacks themselves keep fixed shapes within a chunk.
+Compaction: the Python driver gathers the points still robust into chunks of
+at most `batch_size`, each padded (and masked) to a bucketed size (8, 12, 16,
+24, 32, 48, ...: `_common.bucket_size`), so work shrinks with the robust set like the
+reference's index sets while a handful of shapes, each compiled once, serve
+every stage and batch. Within an attack, every target, restart and (Square)
+block of queries again runs on the points still to fool only, packed the same
+way. Every random draw of a point comes from the key and the point's index
+(`example_ids`), so a point's result does not depend on the chunking.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ class AutoAttackResult(NamedTuple):
     stage_fooled: (N,) NumPy int; index into `stages` of the stage at which the
       point stopped being robust (0: misclassified at x), -1 if robust.
     stages: ("clean", *attacks run).
+    stage_times: {attack: (start, end)} in `time.perf_counter()` seconds, the
+      wall-clock window of each stage (compilation included).
   """
   x_adv: Array
   robust: np.ndarray
@@ -68,6 +74,7 @@ class AutoAttackResult(NamedTuple):
   robust_accuracy: dict
   stage_fooled: np.ndarray
   stages: tuple
+  stage_times: Optional[dict] = None
 
 
 def _validate(x, y, eps, norm, version, attacks_to_run, batch_size, n_iter, n_target_classes,
@@ -113,13 +120,18 @@ def _scatter_rows(x_adv, rows, values):
   return x_adv.at[rows].set(values, mode="drop")
 
 
-def padded_chunks(indices: np.ndarray, size: int):
-  """Yields (padded index array of length `size`, number of real entries)."""
+def padded_chunks(indices: np.ndarray, size: int, bucketed: bool = False):
+  """Yields (padded index array, number of real entries) for chunks of `indices`.
+
+  Chunks hold at most `size` entries; each is padded (with its first entry) to
+  `size`, or with `bucketed` to `_common.bucket_size(n, size)`.
+  """
   for start in range(0, len(indices), size):
     chunk = indices[start:start + size]
     n = len(chunk)
-    if n < size:
-      chunk = np.concatenate([chunk, np.full(size - n, chunk[0], chunk.dtype)])
+    padded = _common.bucket_size(n, size) if bucketed else size
+    if n < padded:
+      chunk = np.concatenate([chunk, np.full(padded - n, chunk[0], chunk.dtype)])
     yield chunk, n
 
 
@@ -128,7 +140,8 @@ def autoattack(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "linf"
                batch_size: Optional[int] = None, n_iter: int = 100, n_target_classes: int = 9,
                n_queries: int = 5000, eot_iter: Optional[int] = None,
                square_rescale_schedule: bool = False, stochastic: bool = False,
-               checks: bool = True, verbose: bool = False) -> AutoAttackResult:
+               checks: bool = True, verbose: bool = False, progress: bool = False,
+               example_ids=None) -> AutoAttackResult:
   """Runs AutoAttack (Croce & Hein 2020) and reports robust accuracy per stage.
 
   Python orchestration around jitted attacks: the robust set is concrete, so
@@ -149,9 +162,10 @@ def autoattack(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "linf"
     attacks_to_run: optional subset/order of `ATTACKS` ("apgd-ce", "apgd-dlr",
       "apgd-t", "fab-t", "square"), overriding the version's list; the
       version's parameters still apply.
-    batch_size: chunk size for the still-robust points (default: N, one chunk).
-      Choose it below N (e.g. 500-1000 on an accelerator) so that later
-      attacks only process the shrinking robust set.
+    batch_size: the most points attacked in one call (default: N). Each
+      stage runs on the points still robust only, in chunks of at most
+      `batch_size` padded to a bucketed size (8, 12, 16, 24, ...); the
+      results do not depend on it.
     n_iter: iterations of APGD/APGD-T/FAB-T (100 in AutoAttack; torchattacks'
       AutoAttack uses its attacks' default of 10).
     n_target_classes: targets of APGD-T and FAB-T (9; at most num_classes - 1).
@@ -162,6 +176,11 @@ def autoattack(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "linf"
     stochastic: `logits_fn` takes a key (randomized defense).
     checks: run the reliability checks and emit `fastadv_jax.autoattack.checks` warnings.
     verbose: print the robust accuracy after each stage.
+    progress: a tqdm progress bar per stage (iterations or queries, points
+      still robust).
+    example_ids: optional (N,) ints, the points' ids (default 0..N-1, e.g.
+      their test-set indices); a point's random draws depend on the key, the
+      stage and its id only.
 
   Returns:
     An `AutoAttackResult`.
@@ -217,8 +236,8 @@ def autoattack(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "linf"
     print(f"AutoAttack ({version}, {norm}, eps={eps:.5f}): clean accuracy "
           f"{robust_accuracy['clean']:.2%}")
 
-  def run(name, xb, yb, k, mask):
-    common = dict(eps=eps, mask=mask, stochastic=stochastic)
+  def run(name, xb, yb, k, mask, ids):
+    common = dict(eps=eps, mask=mask, stochastic=stochastic, example_ids=ids)
     if name in ("apgd-ce", "apgd-dlr"):
       return apgd(fn, xb, yb, k, norm=norm, loss=name[5:], n_iter=n_iter, n_restarts=1,
                   eot_iter=eot_iter, warn=False, **common)
@@ -232,29 +251,54 @@ def autoattack(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "linf"
     return square(fn, xb, yb, k, norm=norm, n_queries=n_queries, n_restarts=1,
                   p_init=0.8, rescale_schedule=square_rescale_schedule, **common)
 
+  if example_ids is None:
+    example_ids = np.arange(num_points)
+  example_ids = np.asarray(example_ids)
+  if example_ids.shape != (num_points,):
+    raise ValueError(f"example_ids must have shape (N,) = ({num_points},), got "
+                     f"{example_ids.shape}.")
+  # Iterations per chunk, for the progress bar.
+  per_chunk = {"apgd-ce": n_iter, "apgd-dlr": n_iter, "apgd-t": n_iter * n_target_classes,
+               "fab-t": n_iter * n_target_classes, "square": n_queries}
+
   start_time = time.time()
+  stage_times = {}
   for stage, name in enumerate(attacks, start=1):
+    stage_start = time.perf_counter()
     indices = np.flatnonzero(robust)
     n_zero_grad = 0
     key_stage = jax.random.fold_in(key_attacks, stage)
-    for c, (chunk, n) in enumerate(padded_chunks(indices, chunk_size)):
-      key_chunk = jax.random.fold_in(key_stage, c)
-      mask = jnp.arange(chunk_size) < n
-      xb, yb = x[chunk], y[chunk]
-      result = run(name, xb, yb, jax.random.fold_in(key_chunk, 0), mask)
-      # Decide by re-evaluating the returned points, as the reference does.
-      logits = _common.predict(fn, result.x_adv, jax.random.fold_in(key_chunk, 1), stochastic)
-      fooled = np.asarray(jnp.argmax(logits, -1) != yb)[:n]
-      if "zero_grad" in result.info:
-        n_zero_grad += int(np.sum(np.asarray(result.info["zero_grad"])[:n]))
-      newly = chunk[:n][fooled]
-      if newly.size:
-        # Padding and points not fooled point past the end and are dropped.
-        rows = np.full(chunk_size, num_points, np.int32)
-        rows[:n][fooled] = newly
-        x_adv = _scatter_rows(x_adv, rows, result.x_adv)
-        robust[newly] = False
-        stage_fooled[newly] = stage
+    n_chunks = -(-indices.size // chunk_size)
+    with _common.progress_bar(n_chunks * per_chunk[name], f"{name.upper()} ({stage}/"
+                              f"{len(attacks)})", int(indices.size), progress) as bar:
+      for c, (chunk, n) in enumerate(padded_chunks(indices, chunk_size, bucketed=True)):
+        if bar is not None:
+          bar.robust_elsewhere = int(np.sum(robust)) - n
+        # One key per stage: the points' own keys come from their ids; a
+        # stochastic model gets fresh randomness per chunk.
+        key_chunk = jax.random.fold_in(key_stage, c) if stochastic else key_stage
+        mask = jnp.arange(chunk.size) < n
+        xb, yb = x[chunk], y[chunk]
+        result = run(name, xb, yb, key_chunk, mask, example_ids[chunk])
+        # Decide by re-evaluating the returned points, as the reference does.
+        logits = _common.predict(fn, result.x_adv, jax.random.fold_in(key_chunk, 1),
+                                 stochastic)
+        fooled = np.asarray(jnp.argmax(logits, -1) != yb)[:n]
+        if "zero_grad" in result.info:
+          n_zero_grad += int(np.sum(np.asarray(result.info["zero_grad"])[:n]))
+        newly = chunk[:n][fooled]
+        if newly.size:
+          # Padding and points not fooled point past the end and are dropped.
+          rows = np.full(chunk.size, num_points, np.int32)
+          rows[:n][fooled] = newly
+          x_adv = _scatter_rows(x_adv, rows, result.x_adv)
+          robust[newly] = False
+          stage_fooled[newly] = stage
+      if bar is not None:
+        bar.robust_elsewhere = 0
+        bar.robust(int(np.sum(robust)))
+    jax.block_until_ready(x_adv)
+    stage_times[name] = (stage_start, time.perf_counter())
     robust_accuracy[name] = float(np.mean(robust))
     if checks and name in _GRADIENT_ATTACKS and indices.size:
       checks_lib.warn_zero_gradients(n_zero_grad, int(indices.size), name.upper())
@@ -267,5 +311,5 @@ def autoattack(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "linf"
     checks_lib.check_no_success(int(np.sum(clean_correct)),
                                 int(np.sum(clean_correct & ~robust)))
   return AutoAttackResult(x_adv, robust, clean_correct, robust_accuracy, stage_fooled,
-                          ("clean",) + tuple(attacks))
+                          ("clean",) + tuple(attacks), stage_times)
 
