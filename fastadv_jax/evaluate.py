@@ -1046,6 +1046,9 @@ def evaluate(logits_fn, test_images, test_labels, seed: int = 0, *,
                        "early_stop": bool(early_stop)}
   else:
     attack_kwargs = dict(autoattack_kwargs or {})
+    # Each point's draws keyed by its test-set index, as PGD's: a point's result
+    # does not depend on which other points are evaluated with it.
+    attack_kwargs.setdefault("example_ids", np.asarray(indices))
     result = _run_autoattack(logits_fn, sub_images, sub_labels, key, eps=eps,
                              version=version, batch_size=batch_size,
                              num_devices=None, progress=progress,
