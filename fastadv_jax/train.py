@@ -92,7 +92,7 @@ class ArrayTrainData:
                        f"({len(images)} examples).")
     self.images, self.labels = images, labels
     # Held-out training examples (config.data.validation_size), never trained on.
-    self.validation = validation
+    self.validation = (images[:0], labels[:0]) if validation is None else validation
     self.batch_size, self.seed = batch_size, seed
 
   def steps_in_epoch(self, epoch: int) -> int:
