@@ -367,8 +367,8 @@ def _plot_curves(grid_name, per_cell, all_cells, path) -> None:
   plt = _common.pyplot()
   cols = min(4, len(methods))
   rows = -(-len(methods) // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False,
-                           sharey=True)
+  fig, axes = plt.subplots(rows, cols, figsize=(max(4 * cols, 7), 3.2 * rows + 0.6),
+                           squeeze=False, sharey=True)
   for ax, method in zip(axes.flat, methods):
     for c in all_cells:
       if c.method != method or c.name not in per_cell:
@@ -383,7 +383,7 @@ def _plot_curves(grid_name, per_cell, all_cells, path) -> None:
     ax.legend(fontsize=7)
   for ax in list(axes.flat)[len(methods):]:
     ax.axis("off")
-  fig.suptitle(f"Sweep {grid_name}: per-epoch PGD-10 accuracy of every seed "
+  fig.suptitle(f"Sweep {grid_name}: per-epoch PGD-10 accuracy of every seed\n"
                f"(dotted: the monitor's collapse)", fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
