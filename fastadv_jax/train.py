@@ -24,6 +24,7 @@ spans exactly the steps run.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -277,6 +278,7 @@ class _Run:
     self.best = monitor_lib.EarlyStopping(drop=config.best.drop,
                                           stop_on_drop=config.best.stop_on_drop)
     self.extra = {"rollbacks": 0, "stopped_early": False}
+    self.seconds: dict[str, float] = {}  # wall time by activity, this session (`timed`)
     self.evals = evaluate.resolve_evals(config.evals)
     self.last_eval: dict[str, Any] = {}
     train_step = step_lib.make_train_step(
@@ -504,7 +506,8 @@ class _Run:
       return r_state, step
     r_state = self.p_sync(r_state)
     host = self.host_state(step, r_state)
-    results = self.run_evals(step, host)
+    with self.timed("evaluation"):
+      results = self.run_evals(step, host)
     for name, values in results.items():
       record = {f"{name}/{k}": v for k, v in values.items()}
       record["epoch"] = self.fractional_epoch(step)
@@ -513,7 +516,8 @@ class _Run:
     if config.best.eval in results:
       is_best, stop = self.best.update(step, results[config.best.eval][config.best.metric])
       if is_best:
-        self.save(step, host, self.best_ckpt, {"eval": results[config.best.eval]})
+        with self.timed("checkpoints"):
+          self.save(step, host, self.best_ckpt, {"eval": results[config.best.eval]})
       if stop:
         self.extra["stopped_early"] = True
         print(f"Early stopping at step {step} ({config.best.eval} {config.best.metric} "
@@ -530,7 +534,8 @@ class _Run:
     if results and self.is_main:
       bar.write(self.eval_line(step, results, monitor_state))
     if do_ckpt:
-      self.save(step, host, self.last_ckpt)
+      with self.timed("checkpoints"):
+        self.save(step, host, self.last_ckpt)
     return r_state, step
 
   def eval_line(self, step: int, results: dict, monitor_state: str) -> str:
@@ -570,7 +575,8 @@ class _Run:
                                "stopped_early": self.extra["stopped_early"],
                                "data": self.data_description(),
                                "rollbacks": self.extra["rollbacks"],
-                               "train_seconds_this_session": train_seconds}
+                               "train_seconds_this_session": train_seconds,
+                               "time_split_this_session": self.time_split(train_seconds)}
     if config.final_eval.enabled and finished:
       summary["final_eval"] = final_evaluation(config, self.workdir, self.last_ckpt,
                                                self.best_ckpt, self.test_data,
@@ -583,6 +589,30 @@ class _Run:
         logging.warning("Could not plot training curves: %s", e)
       workdir_lib.write_json(os.path.join(self.workdir, SUMMARY_NAME), summary)
     return summary
+
+  @contextlib.contextmanager
+  def timed(self, what: str):
+    """Adds the wall time of the block to `self.seconds[what]` (this session)."""
+    start = time.time()
+    try:
+      yield
+    finally:
+      self.seconds[what] = self.seconds.get(what, 0.0) + time.time() - start
+
+  def time_split(self, loop_seconds: float) -> dict[str, float]:
+    """Seconds of the training loop by activity; "train_steps" is the rest.
+
+    The steps run asynchronously: the host waits for them where it first
+    reads their results (the logged metrics, `host_state` before evaluations
+    and checkpoints), and that wait counts as train steps; the timed blocks
+    (data, evaluation, checkpoints) start after it.
+    """
+    split = {k: round(v, 3) for k, v in sorted(self.seconds.items())}
+    split["train_steps_and_logging"] = round(loop_seconds - sum(self.seconds.values()), 3)
+    outside = sum(v for k, v in split.items() if k != "train_steps_and_logging")
+    split["fraction_outside_train_steps"] = round(outside / loop_seconds, 4) if (
+        loop_seconds > 0) else None
+    return split
 
   def data_description(self) -> dict[str, Any]:
     """Which examples trained and which were held out (for the run's metadata)."""
@@ -679,7 +709,8 @@ def _train(run: _Run, max_steps: int | None) -> dict[str, Any]:
   batches, batch = run.device_batches(step), None
   while step < stop_at and not run.extra["stopped_early"]:
     if batch is None or step % run.replays == 0:
-      batch = next(batches)
+      with run.timed("data"):
+        batch = next(batches)
     r_state, train_metrics = run.p_train_step(r_state, batch)
     step += 1
     bar.update(1)

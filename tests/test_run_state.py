@@ -327,6 +327,9 @@ def test_best_checkpoint_chosen_on_held_out_training_examples(npz, tmp_path):
   assert summary["data"]["train_examples"] == 24
   assert "last 8 examples" in summary["data"]["validation"]
   assert summary["data"]["model_selection"] == "validation (validation split) / pgd_acc"
+  split = summary["time_split_this_session"]
+  assert {"data", "evaluation", "checkpoints", "train_steps_and_logging"} <= set(split)
+  assert 0 < split["fraction_outside_train_steps"] < 1
   _, meta = checkpoints.Checkpointer(str(tmp_path / "run" / "best")).restore_meta()
   assert meta["eval"]["n"] == 8  # chosen on the 8 held-out points
   with pytest.raises(ValueError, match="validation_size=32 leaves no training examples"):
