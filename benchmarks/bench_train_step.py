@@ -6,7 +6,7 @@ what `fastadv-train` runs: `fastadv_jax.train_step.make_train_step` for a config
 variant of `configs/cifar10.py`, under `jax.pmap` on one device, with the state
 donated; the step includes the uint8 -> float conversion and the crop/flip
 augmentation. On the PyTorch side it is the step as the reference code writes
-it, eagerly, on the twin model of `benchmarks/torch_models.py` (data already
+it, eagerly, on the twin model of `tests/torch_reference/torch_models.py` (data already
 float, augmentation left to the data loader), SGD with momentum and weight
 decay; GradAlign, CURE and the input-gradient norm use `create_graph=True`
 double backprop as the GradAlign authors do.
@@ -69,7 +69,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path.insert(0, HERE)  # torch_models
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "torch_reference"))  # torch_models
 sys.path.insert(0, REPO)  # fastadv_jax from a checkout
 
 IMAGE_SHAPE = (32, 32, 3)

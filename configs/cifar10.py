@@ -15,10 +15,11 @@ internet expect numbers close to, not equal to, these):
   pgd2, pgd10     PGD-2 α=ε/2, PGD-10 α=2ε/10, no RS   82.15 / 48.43 and 81.88 / 50.04
   pgd2_gradalign  PGD-2 + GradAlign λ=0.1              (GradAlign Fig. 9)
   cure, igr       FGSM + CURE λ=700 / + IGR λ=1000     80.20 / 47.25 and 77.47 / 46.69
-                  (λ depends on the gradient convention, REFERENCE.md: here the
-                  per-example one; at initialisation of the GradAlign model on
-                  CIFAR-10 it makes λ·IGR about 1e5 times the CE. If a run
-                  diverges, try --config.regularizers.cure.scale=batch_mean)
+                  (λ depends on the gradient convention, REFERENCE.md: here
+                  that of the CURE and GradAlign code, gradients of the
+                  batch-mean CE reduced per example and averaged,
+                  scale=batch_mean_averaged; the per-example convention is B²
+                  times larger and made λ·IGR ~1e5 × the CE at initialisation)
   fgsm_early_stop FGSM α=7/255 with early stopping     45.35 robust
   zerograd        ZeroGrad q=0.35 (Rice PRN-18, fp32)  81.61 / 47.55
   multigrad       MultiGrad N=3                        81.38 / 47.85
@@ -32,8 +33,52 @@ internet expect numbers close to, not equal to, these):
   fgsm_rs_advlc   any attack combines with any regularizers: FGSM-RS + AdvLC
   cnn_fgsm        the single-layer CNN of GradAlign §4, FGSM ε=10/255, Adam.
                   Catastrophic overfitting (paper: around epoch 6, alignment
-                  ~0.12; our seed-0 run: epochs 16-18, alignment 0.06-0.09):
+                  ~0.12; our seed-0 run: epoch 18, alignment 0.07-0.19):
                   PGD accuracy drops, FGSM accuracy rises, alignment falls.
+
+Reference conventions (../shared/REFERENCE.md, "Conventions of the reference
+code"; each proven in lockstep with the authors' PyTorch step by
+benchmarks/parity_train_step.py) are the defaults here:
+
+  * bn_updates="every_forward": BatchNorm running statistics are updated on
+    every train-mode forward the reference makes (GradAlign code: the FGSM
+    pass, train.py l.153, the CE pass, l.188, GradAlign's g2, l.193; PGD-k: k
+    attack passes, utils.py l.171; ZeroGrad code: train_cifar.py l.62, l.93;
+    AdvLC code: src/utils/train.py l.190, l.197).
+  * box_grad="zero" for the attacks the GradAlign code runs through its
+    `utils.clamp(X + delta, 0, 1)` (utils.py l.20-30; train.py l.152, utils.py
+    l.171): PyTorch 1.4 (pinned by its Dockerfile, the environment of the
+    published numbers) gives 0 at pixels exactly 0 or 1, current PyTorch 1/2
+    (--config.attack.kwargs.box_grad=half), no clamp "full". The ZeroGrad,
+    N-FGSM and AdvLC code feed X + delta without a clamp in the graph: "full".
+  * FGSM-RS in the GradAlign code: eta not clipped to the box before the step
+    (clip_init_to_box=False, train.py l.146); Wong's code clips it.
+  * AT for Free: order="step_first" (the GradAlign code: the delta step, then
+    the weights at x + delta_new, train.py l.149-207); Shafahi's single pass is
+    order="single_pass".
+  * AdvLC: the "clean" logits at the FGSM-N start clip(x + eta) (clean_point=
+    "start", the AdvLC code, src/utils/train.py l.189-191), not Eq. 14's f(x).
+
+Deviations that remain, and why:
+  * Mixed precision: bfloat16 here, apex O1 float16 with loss scaling there
+    (no float16 loss scaling in this library; parity is proven in float32/64).
+  * The running variance averages the biased batch variance (Flax), PyTorch
+    the unbiased one: a factor n/(n-1) < 1.0005 on CIFAR batches of 128
+    (fastadv_jax/models/common.py). The lockstep table isolates it.
+  * The GradAlign code's monitoring pass at x for PGD / random corner (train.py
+    l.182-184) also updates the running statistics; not replayed (it feeds a
+    log only). PGD + GradAlign takes g1 from PGD's first step here, from that
+    pass (without the clamp) there.
+  * The GradAlign code selects its best checkpoint on training points
+    (train.py l.231, l.244); `fgsm_early_stop` does so here, the other
+    variants keep the last state and report `best` on the test evaluation.
+  * CURE and IGR: GradAlign Table 8's squared norm and ε·sign step (the CURE
+    code takes a norm and an l2-normalized step of length h); the gradient
+    convention is the CURE code's (see the cure/igr entry above).
+  * AdvLC's SWA schedule (epoch 50, once per epoch, BatchNorm re-estimated on
+    the augmented loader after each average) is not the `advlc_swa` one.
+  * Wong's AT for Free feeds the unclipped X + delta_prev to a new minibatch;
+    the single pass here clips it to the box.
 
 Hardware: the PreActResNet-18 variants are GPU configs (30 epochs of FGSM take
 about 10 minutes on a V100 in the papers; GradAlign about 3x that). The
@@ -63,7 +108,14 @@ def _gradalign_paper(config):
   # Their code reads the rate at epoch + (i + 1) / n.
   config.schedule.kwargs = ml_collections.ConfigDict(dict(peak_fraction=0.4, step_offset=1))
   config.augment.update(padding=4, pad_mode="zero", flip=True)
+  config.bn_updates = "every_forward"
   return config
+
+
+def _gradalign_clamp(attack):
+  """The GradAlign code's gradient through utils.clamp under PyTorch 1.4."""
+  if attack.name in ("fgsm", "fgsm_rs", "pgd", "free") and "box_grad" not in attack.kwargs:
+    attack.kwargs.box_grad = "zero"
 
 
 def _zerograd_paper(config):
@@ -76,6 +128,7 @@ def _zerograd_paper(config):
   config.schedule.kwargs = ml_collections.ConfigDict(dict(peak_fraction=0.5))
   config.augment.update(padding=4, pad_mode="reflect", flip=True)
   config.final_eval.update(n=10000)
+  config.bn_updates = "every_forward"
   return config
 
 
@@ -89,6 +142,7 @@ def _advlc_paper(config):
   config.schedule.update(name="piecewise", lr_max=0.1)
   config.schedule.kwargs = ml_collections.ConfigDict(dict(boundary_epochs=[100, 150],
                                                           factor=0.1))
+  config.bn_updates = "every_forward"
   return config
 
 
@@ -104,6 +158,7 @@ def get_config(variant: str = "gradalign") -> ml_collections.ConfigDict:
   elif variant == "fgsm_rs":
     attack.name = "fgsm_rs"
     attack.step_eps_ratio = 1.25  # 10/255 at ε = 8
+    attack.kwargs = ml_collections.ConfigDict(dict(clip_init_to_box=False))
   elif variant == "gradalign":
     attack.name = "fgsm"
     config.schedule.lr_max = 0.3  # released GradAlign script
@@ -144,25 +199,25 @@ def get_config(variant: str = "gradalign") -> ml_collections.ConfigDict:
   elif variant == "free":
     attack.name = "free"
     attack.step_eps_ratio = 1.0
-    attack.kwargs = ml_collections.ConfigDict(dict(replays=8))
+    attack.kwargs = ml_collections.ConfigDict(dict(replays=8, order="step_first"))
     config.num_epochs = 96
     config.schedule.lr_max = 0.04
   elif variant in ("advlc", "advlc_swa", "pgd10_advlc", "fgsm_rs_advlc"):
     _advlc_paper(config)
     if variant == "advlc":
       attack.name = "fgsm_n"
-      config.regularizers.advlc = _regularizer(weight=0.55)
+      config.regularizers.advlc = _regularizer(weight=0.55, clean_point="start")
     elif variant == "advlc_swa":
       # λ = 0.5 with SWA (AdvLC paper). The SWA start epoch is not in
       # REFERENCE.md; 100 (the first learning-rate drop) is our choice.
       attack.name = "fgsm_n"
-      config.regularizers.advlc = _regularizer(weight=0.5)
+      config.regularizers.advlc = _regularizer(weight=0.5, clean_point="start")
       config.swa.update(enabled=True, start_epoch=100)
     elif variant == "pgd10_advlc":
       attack.name = "pgd"
       attack.step_eps_ratio = 0.25
       attack.kwargs = ml_collections.ConfigDict(dict(steps=10, random_start=False))
-      config.regularizers.advlc = _regularizer(weight=0.4)
+      config.regularizers.advlc = _regularizer(weight=0.4, clean_point="start")
     else:
       attack.name = "fgsm_rs"
       attack.step_eps_ratio = 1.25
@@ -182,6 +237,8 @@ def get_config(variant: str = "gradalign") -> ml_collections.ConfigDict:
     config.regularizers.elle = _regularizer(weight=1000.0)
   else:
     config_base.check_variant("CIFAR-10", variant, VARIANTS)
+  if config.model.name in ("preact_resnet18_gradalign", "simple_cnn") and variant != "fgsm_elle":
+    _gradalign_clamp(attack)
   config.variant = variant
   return config
 

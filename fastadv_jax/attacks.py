@@ -58,6 +58,9 @@ LossClosure = Callable[[Array], Array]
 NORMS = ("linf", "l2")
 SELECT_RULES = ("strict", "max_loss")
 ZEROGRAD_MASK_MODES = ("gradient", "perturbation")
+# The input-gradient rule at the box boundary, for attacks whose reference takes
+# the gradient through `clamp(x + delta, 0, 1)` (see `boundary_input_grad`).
+BOX_GRAD_RULES = ("full", "zero", "half")
 
 
 # ----------------------------------------------------------------------------
@@ -135,30 +138,94 @@ def per_example_quantile(values: Array, q: Any) -> Array:
   Returns:
     (B,) float32 quantiles.
   """
-  flat = values.reshape(values.shape[0], -1).astype(jnp.float32)
+  flat = values.reshape(values.shape[0], -1)
+  flat = flat.astype(_work_dtype(flat))
   n = flat.shape[1]
   sorted_values = jnp.sort(flat, axis=1)
-  position = jnp.asarray(q, jnp.float32) * (n - 1)
+  position = jnp.asarray(q, flat.dtype) * (n - 1)
   below = jnp.clip(jnp.floor(position), 0, n - 1).astype(jnp.int32)
   above = jnp.minimum(below + 1, n - 1)
-  weight = position - below.astype(jnp.float32)
+  weight = position - below.astype(flat.dtype)
   v_below = sorted_values[:, below]
   v_above = sorted_values[:, above]
   return v_below + weight * (v_above - v_below)
 
 
 def _input_grad(loss_fn: LossClosure, point: Array) -> Array:
-  """float32 gradient of the batch-mean loss with respect to the input point."""
-  grad = jax.grad(lambda z: loss_fn(z))(point.astype(jnp.float32))
-  return grad.astype(jnp.float32)
+  """Gradient of the batch-mean loss with respect to the input point.
+
+  float32 (float64 stays float64, for the float64 parity checks)."""
+  dtype = _work_dtype(point)
+  grad = jax.grad(lambda z: loss_fn(z))(point.astype(dtype))
+  return grad.astype(dtype)
 
 
-def _uniform(key: Array, shape, radius: Any) -> Array:
-  return jax.random.uniform(key, shape, jnp.float32, -1.0, 1.0) * radius
+def boundary_input_grad(loss_fn: LossClosure, x: Array, delta: Array,
+                        box_grad: str = "full") -> Array:
+  """Input gradient at the box-clipped point x + delta, with a boundary rule.
+
+  The GradAlign code feeds its model `utils.clamp(X + delta, 0, 1)` (utils.py
+  l.20-30: `torch.max(torch.min(X, u), l)`) and differentiates with respect to
+  delta, so the chain rule through the clamp multiplies the gradient at the
+  clipped point p = clip(x + delta) by m(x + delta):
+
+  * 1 strictly inside (0, 1), 0 strictly outside (every rule but "full");
+  * at x + delta exactly 0 or 1 (a tie of the elementwise max/min) the
+    framework's tie rule: "zero" = PyTorch <= 1.4 (`masked_fill_(self <= other,
+    0)` in its derivatives.yaml; the GradAlign Dockerfile pins 1.4, so the
+    published numbers used it: FGSM leaves those pixels unperturbed), "half" =
+    PyTorch >= 1.5 (`grad / 2` at ties).
+  * "full": no clamp in the graph, the gradient at the clipped point itself
+    (Wong's, Rice's/ZeroGrad's and the AdvLC code, which clip delta and feed
+    X + delta, or a box-clipped leaf, to the model).
+
+  Args:
+    loss_fn: batch-mean loss closure.
+    x: images in [0, 1].
+    delta: the perturbation; x + delta may leave the box.
+    box_grad: "full", "zero" or "half".
+  Returns:
+    The gradient with respect to delta, float32 (float64 kept).
+  """
+  _checks.check_choice("box_grad", box_grad, BOX_GRAD_RULES)
+  grad = _input_grad(loss_fn, x + project_box(x, delta))
+  if box_grad == "full":
+    return grad
+  return grad * _boundary_factor(x + delta, box_grad).astype(grad.dtype)
+
+
+def _boundary_factor(point: Array, box_grad: str) -> Array:
+  """m(point) of `boundary_input_grad` (1 everywhere for "full")."""
+  if box_grad == "full":
+    return jnp.ones_like(point)
+  inside = (point > 0) & (point < 1)
+  tie = (point == 0) | (point == 1)
+  tie_factor = 0.0 if box_grad == "zero" else 0.5
+  return jnp.where(inside, 1.0, jnp.where(tie, tie_factor, 0.0)).astype(point.dtype)
+
+
+def _work_dtype(x: Any):
+  """The dtype of perturbation arithmetic: float32, or float64 for float64 inputs."""
+  return jnp.promote_types(jnp.asarray(x).dtype, jnp.float32)
+
+
+def _uniform(key: Array, shape, radius: Any, dtype=jnp.float32) -> Array:
+  return jax.random.uniform(key, shape, jnp.float32, -1.0, 1.0).astype(dtype) * radius
 
 
 def _as_float32(x: Array) -> Array:
-  return jnp.asarray(x, jnp.float32)
+  """x as float32 (bf16/fp16 and integers promoted; float64 kept)."""
+  x = jnp.asarray(x)
+  return x.astype(_work_dtype(x)) if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+
+
+def _noise_or_draw(noise: Any, key: Array, shape, radius: Any, dtype, what: str) -> Array:
+  """The given draw (checked for shape), or U[-radius, radius]^shape from key."""
+  if noise is None:
+    return _uniform(key, shape, radius, dtype)
+  if tuple(np.shape(noise)) != tuple(shape):
+    raise ValueError(f"{what}: noise has shape {tuple(np.shape(noise))}, expected {tuple(shape)}.")
+  return jnp.asarray(noise).astype(dtype)
 
 
 @flax.struct.dataclass
@@ -174,10 +241,16 @@ class AttackOutput:
     grad_at_start: float32 input gradient of the batch-mean loss at `start`,
       or None when the attack takes no gradient (no attack, a pure random
       corner, PGD with zero steps).
+    forward_points: the points at which the attack ran the model, in order,
+      stacked (k, *x.shape); the train step replays them to update BatchNorm's
+      running statistics once per forward (`bn_updates="every_forward"`, as
+      PyTorch does in train mode). None for an attack that runs no forward.
+      Unused values cost nothing under jit (dead code).
   """
   delta: Array
   start: Array
   grad_at_start: Optional[Array] = None
+  forward_points: Optional[Array] = None
 
 
 # ----------------------------------------------------------------------------
@@ -189,11 +262,11 @@ def no_attack(loss_fn: LossClosure, x: Array, key: Array | None = None, *,
   """The zero perturbation (standard training), for registries and configs."""
   del loss_fn, key, eps
   x = _as_float32(x)
-  return AttackOutput(jnp.zeros(x.shape, jnp.float32), x, None)
+  return AttackOutput(jnp.zeros(x.shape, x.dtype), x, None)
 
 
 def fgsm(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
-         step: Any = None) -> AttackOutput:
+         step: Any = None, box_grad: str = "full") -> AttackOutput:
   """FGSM (Goodfellow et al. 2015) from the clean point.
 
   delta = clip_eps(step * sign(grad_x loss(x))), then projected onto the box.
@@ -204,20 +277,27 @@ def fgsm(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
     key: unused (FGSM is deterministic); accepted for a uniform signature.
     eps: l_inf radius.
     step: step size alpha (default eps).
+    box_grad: the gradient rule at pixels exactly 0 or 1 (`boundary_input_grad`):
+      "full" (default), "zero" (the GradAlign code under PyTorch 1.4, train.py
+      l.152-160: the gradient through `clamp(X + delta, 0, 1)` at delta = 0,
+      which leaves those pixels unperturbed) or "half" (current PyTorch).
   Returns:
-    AttackOutput; start = x, grad_at_start = the input gradient at x.
+    AttackOutput; start = x, grad_at_start = the input gradient at x (with the
+    boundary rule applied).
   """
   del key
   _check_common(x, eps, step)
+  _checks.check_choice("box_grad", box_grad, BOX_GRAD_RULES)
   step = _step_or_default("fgsm", step, eps)
   x = _as_float32(x)
-  grad = _input_grad(loss_fn, x)
+  grad = boundary_input_grad(loss_fn, x, jnp.zeros_like(x), box_grad)
   delta = project_box(x, project_linf(step * jnp.sign(grad), eps))
-  return AttackOutput(delta, x, grad)
+  return AttackOutput(delta, x, grad, x[None])
 
 
-def fgsm_rs(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
-            step: Any = None, clip_init_to_box: bool = True) -> AttackOutput:
+def fgsm_rs(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
+            step: Any = None, clip_init_to_box: bool = True, box_grad: str = "full",
+            noise: Array | None = None) -> AttackOutput:
   """FGSM with a random start (FGSM-RS; Wong et al. 2020, Alg. 3).
 
   eta ~ U[-eps, eps]^d, delta = clip_eps(eta + step * sign(grad loss(x + eta))),
@@ -232,26 +312,35 @@ def fgsm_rs(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
     clip_init_to_box: True (Wong's code) clips eta so that x + eta is in the box
       before the step; False (the GradAlign code) keeps the unclipped eta in the
       update, while the gradient is still taken at the box-clipped point.
+    box_grad: the gradient rule through the box (`boundary_input_grad`):
+      "full" (Wong's code: no clamp in the graph) or, for the GradAlign code
+      (train.py l.146-160, `clamp(X + delta, 0, 1)`), "zero" (PyTorch 1.4) /
+      "half" (current PyTorch); both give 0 where x + eta leaves the box.
+    noise: the draw eta itself (shape of x, pixel units, before any box
+      clipping); None draws U[-eps, eps]^d from key (parity tests pass the
+      reference's draw here).
   Returns:
     AttackOutput; start = the box-clipped x + eta, grad_at_start = the input
     gradient there.
   """
-  _check_key(key, "fgsm_rs")
+  if noise is None:
+    _check_key(key, "fgsm_rs")
   _check_common(x, eps, step)
+  _checks.check_choice("box_grad", box_grad, BOX_GRAD_RULES)
   step = _step_or_default("fgsm_rs", step, eps)
   x = _as_float32(x)
-  eta = _uniform(key, x.shape, eps)
+  eta = _noise_or_draw(noise, key, x.shape, eps, x.dtype, "fgsm_rs")
   if clip_init_to_box:
     eta = project_box(x, eta)
   start = x + project_box(x, eta)
-  grad = _input_grad(loss_fn, start)
+  grad = boundary_input_grad(loss_fn, x, eta, box_grad)
   delta = project_box(x, project_linf(eta + step * jnp.sign(grad), eps))
-  return AttackOutput(delta, start, grad)
+  return AttackOutput(delta, start, grad, start[None])
 
 
-def zerograd(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any, q: Any,
-             step: Any = None, mask_mode: str = "gradient",
-             clip_init_to_box: bool = True) -> AttackOutput:
+def zerograd(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
+             q: Any, step: Any = None, mask_mode: str = "gradient",
+             clip_init_to_box: bool = True, noise: Array | None = None) -> AttackOutput:
   """ZeroGrad (Golgooni et al. 2021): FGSM-RS with small gradient entries zeroed.
 
   eta ~ U[-eps, eps]^d (box-clipped), g = grad loss(x + eta); per example,
@@ -275,17 +364,19 @@ def zerograd(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any, q: Any,
     step: step alpha (default 2 eps).
     mask_mode: "gradient" or "perturbation", see above.
     clip_init_to_box: clip eta to the box before the step (the authors' code).
+    noise: the draw eta (shape of x, before box clipping); None draws it from key.
   Returns:
     AttackOutput; start = the box-clipped x + eta, grad_at_start = the
     unmasked input gradient g there.
   """
-  _check_key(key, "zerograd")
+  if noise is None:
+    _check_key(key, "zerograd")
   _check_common(x, eps, step)
   _checks.check_in_range("q", q, 0.0, 1.0)
   _checks.check_choice("ZeroGrad mask_mode", mask_mode, ZEROGRAD_MASK_MODES)
   step = _step_or_default("zerograd", step, eps)
   x = _as_float32(x)
-  eta = _uniform(key, x.shape, eps)
+  eta = _noise_or_draw(noise, key, x.shape, eps, x.dtype, "zerograd")
   if clip_init_to_box:
     eta = project_box(x, eta)
   start = x + project_box(x, eta)
@@ -297,12 +388,12 @@ def zerograd(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any, q: Any,
   else:
     delta = jnp.where(keep, project_linf(eta + step * jnp.sign(grad), eps), 0.0)
   delta = project_box(x, delta)
-  return AttackOutput(delta, start, grad)
+  return AttackOutput(delta, start, grad, start[None])
 
 
-def multigrad(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
+def multigrad(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
               num_starts: int = 3, step: Any = None,
-              vectorize: bool = True) -> AttackOutput:
+              vectorize: bool = True, noise: Array | None = None) -> AttackOutput:
   """MultiGrad (Golgooni et al. 2021): keep coordinates whose gradient signs agree.
 
   Gradients g_1..g_N at N random starts x + eta_n, eta_n ~ U[-eps, eps]^d
@@ -320,27 +411,34 @@ def multigrad(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
     vectorize: True computes the N gradients with `jax.vmap` (each start is its
       own batch, as in the authors' non-parallel code); False uses `lax.map`
       (sequential, N times less memory).
+    noise: the draws eta_1..eta_N, shape (N, *x.shape), before box clipping;
+      None draws them from key.
   Returns:
     AttackOutput; start = the first random start x + eta_1, grad_at_start = g_1.
   """
-  _check_key(key, "multigrad")
+  if noise is None:
+    _check_key(key, "multigrad")
   _check_common(x, eps, step)
   _checks.check_int("num_starts", num_starts, 1)
   step = _step_or_default("multigrad", step, eps)
   x = _as_float32(x)
-  keys = jax.random.split(key, num_starts)
-  etas = jax.vmap(lambda k: project_box(x, _uniform(k, x.shape, eps)))(keys)
+  if noise is None:
+    keys = jax.random.split(key, num_starts)
+    etas = jax.vmap(lambda k: _uniform(k, x.shape, eps, x.dtype))(keys)
+  else:
+    etas = _noise_or_draw(noise, None, (num_starts,) + x.shape, eps, x.dtype, "multigrad")
+  etas = jax.vmap(lambda e: project_box(x, e))(etas)
   grad_at = lambda eta: _input_grad(loss_fn, x + eta)
   grads = jax.vmap(grad_at)(etas) if vectorize else jax.lax.map(grad_at, etas)
   signs = jnp.sign(grads)
   agree = jnp.abs(jnp.sum(signs, axis=0)) >= num_starts
   delta = project_box(x, project_linf(step * jnp.where(agree, signs[0], 0.0), eps))
-  return AttackOutput(delta, x + etas[0], grads[0])
+  return AttackOutput(delta, x + etas[0], grads[0], x[None] + etas)
 
 
-def n_fgsm(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
+def n_fgsm(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
            noise_mag: Any = None, step: Any = None,
-           clip_noise_to_box: bool = True) -> AttackOutput:
+           clip_noise_to_box: bool = True, noise: Array | None = None) -> AttackOutput:
   """N-FGSM (de Jorge et al. 2022, "Make some noise").
 
   eta ~ U[-noise_mag, noise_mag]^d, clipped so that x + eta is in the box (as in
@@ -358,20 +456,24 @@ def n_fgsm(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
     clip_noise_to_box: clip eta to the box before the gradient (authors' code);
       False keeps the raw eta in the update (the gradient is still taken at the
       box-clipped point).
+    noise: the draw eta (shape of x, before box clipping); None draws
+      U[-noise_mag, noise_mag]^d from key.
   Returns:
     AttackOutput; start = the box-clipped noisy point x + eta, grad_at_start
     = the input gradient there.
   """
-  _check_key(key, "n_fgsm")
+  if noise is None:
+    _check_key(key, "n_fgsm")
   _check_common(x, eps, step)
   _checks.check_nonnegative("noise_mag", noise_mag)
   noise_mag = _N_FGSM_NOISE * eps if noise_mag is None else noise_mag
   step = _step_or_default("n_fgsm", step, eps)
-  return _noisy_fgsm(loss_fn, x, key, noise_mag, step, clip_noise_to_box)
+  return _noisy_fgsm(loss_fn, x, key, noise_mag, step, clip_noise_to_box, noise, "n_fgsm")
 
 
-def fgsm_n(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
-           step: Any = None, noise_mag: Any = None) -> AttackOutput:
+def fgsm_n(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
+           step: Any = None, noise_mag: Any = None,
+           noise: Array | None = None) -> AttackOutput:
   """FGSM-N (Zhang et al. 2022), the single-step baseline of the AdvLC paper.
 
   Not N-FGSM: eta ~ U[-eps, eps]^d clipped to the box, one step of size eps from
@@ -387,31 +489,34 @@ def fgsm_n(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
     eps: l_inf radius of the noise and default step.
     step: step (default eps).
     noise_mag: noise half-width (default eps).
+    noise: the draw eta (shape of x, before box clipping); None draws it from key.
   Returns:
     AttackOutput; start = the box-clipped noisy point x + eta, grad_at_start
     = the input gradient there.
   """
-  _check_key(key, "fgsm_n")
+  if noise is None:
+    _check_key(key, "fgsm_n")
   _check_common(x, eps, step)
   _checks.check_nonnegative("noise_mag", noise_mag)
   noise_mag = eps if noise_mag is None else noise_mag
   step = _step_or_default("fgsm_n", step, eps)
-  return _noisy_fgsm(loss_fn, x, key, noise_mag, step, True)
+  return _noisy_fgsm(loss_fn, x, key, noise_mag, step, True, noise, "fgsm_n")
 
 
-def _noisy_fgsm(loss_fn, x, key, noise_mag, step, clip_noise_to_box) -> AttackOutput:
+def _noisy_fgsm(loss_fn, x, key, noise_mag, step, clip_noise_to_box, noise,
+                what) -> AttackOutput:
   x = _as_float32(x)
-  eta = _uniform(key, x.shape, noise_mag)
+  eta = _noise_or_draw(noise, key, x.shape, noise_mag, x.dtype, what)
   if clip_noise_to_box:
     eta = project_box(x, eta)
   start = x + project_box(x, eta)
   grad = _input_grad(loss_fn, start)
   delta = project_box(x, eta + step * jnp.sign(grad))
-  return AttackOutput(delta, start, grad)
+  return AttackOutput(delta, start, grad, start[None])
 
 
-def random_corner(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
-                  step: Any = None) -> AttackOutput:
+def random_corner(loss_fn: LossClosure, x: Array, key: Array | None = None, *,
+                  eps: Any, step: Any = None, noise: Array | None = None) -> AttackOutput:
   """A random vertex of the eps-ball (GradAlign paper, Sec. 3 baselines).
 
   The GradAlign code's `--attack random_corner` trains on delta = eps * sign(u),
@@ -430,21 +535,28 @@ def random_corner(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
     key: PRNG key for the corner.
     eps: l_inf radius.
     step: None (pure random corner) or the FGSM step from the corner.
+    noise: the corner itself (shape of x, entries +-eps, before box clipping);
+      None draws it from key.
   Returns:
     AttackOutput. Without a step no gradient is taken: start = x (where the
     GradAlign code takes g1 for this attack) and grad_at_start = None. With a
     step: start = the corner point, grad_at_start = the gradient there.
   """
-  _check_key(key, "random_corner")
+  if noise is None:
+    _check_key(key, "random_corner")
   _check_common(x, eps, step)
   x = _as_float32(x)
-  corner = project_box(x, eps * jax.random.rademacher(key, x.shape, jnp.float32))
+  if noise is None:
+    corner = eps * jax.random.rademacher(key, x.shape, jnp.float32).astype(x.dtype)
+  else:
+    corner = _noise_or_draw(noise, None, x.shape, eps, x.dtype, "random_corner")
+  corner = project_box(x, corner)
   if step is None:
     return AttackOutput(corner, x, None)
   start = x + corner
   grad = _input_grad(loss_fn, start)
   delta = project_box(x, project_linf(corner + step * jnp.sign(grad), eps))
-  return AttackOutput(delta, start, grad)
+  return AttackOutput(delta, start, grad, start[None])
 
 
 # ----------------------------------------------------------------------------
@@ -473,13 +585,14 @@ def free_update(x: Array, delta: Array, grad: Array, *, eps: Any,
   _checks.check_nonnegative("step", step)
   step = _step_or_default("free", step, eps)
   x = _as_float32(x)
-  grad = jnp.asarray(grad).astype(jnp.float32)
-  new = jnp.asarray(delta, jnp.float32) + step * jnp.sign(grad)
+  grad = jnp.asarray(grad).astype(x.dtype)
+  new = jnp.asarray(delta).astype(x.dtype) + step * jnp.sign(grad)
   return project_box(x, project_linf(new, eps))
 
 
 def free_step(loss_fn: LossClosure, x: Array, key: Array | None = None, *,
-              eps: Any, delta: Array, step: Any = None) -> AttackOutput:
+              eps: Any, delta: Array, step: Any = None,
+              box_grad: str = "full") -> AttackOutput:
   """AT for Free (Shafahi et al. 2019): one replay's update of the carried delta.
 
   g = grad loss at the box-clipped x + delta (delta carried over from the previous
@@ -500,6 +613,8 @@ def free_step(loss_fn: LossClosure, x: Array, key: Array | None = None, *,
     eps: l_inf radius.
     delta: carried perturbation, same shape as x.
     step: step (default eps).
+    box_grad: the gradient rule through `clamp(X + delta, 0, 1)` (the GradAlign
+      code's Free, train.py l.149-160; see `boundary_input_grad`).
   Returns:
     AttackOutput; delta = the new delta, start = the box-clipped x + delta
     (old), grad_at_start = g.
@@ -508,10 +623,11 @@ def free_step(loss_fn: LossClosure, x: Array, key: Array | None = None, *,
   _check_common(x, eps, step)
   _checks.check_same_shape("delta", delta, "x", x)
   x = _as_float32(x)
-  delta = jnp.asarray(delta, jnp.float32)
+  delta = jnp.asarray(delta).astype(x.dtype)
   start = x + project_box(x, delta)
-  grad = _input_grad(loss_fn, start)
-  return AttackOutput(free_update(x, delta, grad, eps=eps, step=step), start, grad)
+  grad = boundary_input_grad(loss_fn, x, delta, box_grad)
+  return AttackOutput(free_update(x, delta, grad, eps=eps, step=step), start, grad,
+                      start[None])
 
 
 # ----------------------------------------------------------------------------
@@ -523,7 +639,8 @@ def pgd(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
         early_stop: bool = False, select: str = "strict",
         keep_best: bool = False, norm: str = "linf",
         delta_init: Array | None = None, clip_init_to_box: bool = True,
-        unroll: bool | int | None = None) -> AttackOutput:
+        unroll: bool | int | None = None, box_grad: str = "full",
+        noise: Array | None = None) -> AttackOutput:
   """Projected gradient ascent (Madry et al. 2018) with restarts.
 
   Per restart: a start delta_0 (see below); then `steps` times
@@ -578,6 +695,14 @@ def pgd(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
       from 14 s to about 5 s), a rolled loop otherwise.
     delta_init: optional start, same shape as x.
     clip_init_to_box: project the start onto the box.
+    box_grad: the gradient rule through `clamp(X + delta, 0, 1)`
+      (`boundary_input_grad`): "full" (default), "zero" / "half" for the
+      GradAlign code's `attack_pgd_training` (utils.py l.166-190) under PyTorch
+      1.4 / current PyTorch.
+    noise: the random starts themselves, shape (restarts, *x.shape) (for
+      "linf" U[-eps, eps]^d; for "l2" the starting delta), before box
+      clipping; used with random_start and no delta_init, replacing the draws
+      from key.
   Returns:
     AttackOutput: delta (float32, shape of x) with x + delta in [0, 1] and
     ||delta|| <= eps; start = the first restart's (box-clipped) starting point
@@ -585,6 +710,7 @@ def pgd(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
   """
   _check_common(x, eps, step, norm=norm)
   _checks.check_choice("norm", norm, NORMS)
+  _checks.check_choice("box_grad", box_grad, BOX_GRAD_RULES)
   _checks.check_choice("restart selection rule select", select, SELECT_RULES)
   _checks.check_int("steps", steps, 0)
   _checks.check_int("restarts", restarts, 1)
@@ -599,7 +725,12 @@ def pgd(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
         f"restarts={restarts} without random_start: all restarts would be "
         f"identical; set random_start=True or restarts=1.")
   needs_random = delta_init is None and random_start
-  if needs_random:
+  if needs_random and noise is not None:
+    expected = (restarts,) + tuple(np.shape(x))
+    if tuple(np.shape(noise)) != expected:
+      raise ValueError(f"pgd: noise has shape {tuple(np.shape(noise))}, expected "
+                       f"(restarts, *x.shape) = {expected}.")
+  elif needs_random:
     _check_key(key, "pgd with random_start")
   if early_stop:
     _require_aux(loss_fn, "pgd(early_stop=True)")
@@ -612,6 +743,7 @@ def pgd(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
     unroll = bool(jax.default_backend() == "cpu" and steps <= 10) or 1
 
   x = _as_float32(x)
+  dtype = x.dtype
   batch = x.shape[0]
   per_example_shape = (batch,) + (1,) * (x.ndim - 1)
   ball = project_linf if norm == "linf" else project_l2
@@ -621,19 +753,21 @@ def pgd(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
   def expand(mask):
     return mask.reshape(per_example_shape)
 
-  def start(restart_key):
+  def start(restart_key, r):
     if delta_init is not None:
-      delta = ball(jnp.asarray(delta_init, jnp.float32), eps)
+      delta = ball(jnp.asarray(delta_init).astype(dtype), eps)
+    elif random_start and noise is not None:
+      delta = jnp.asarray(noise).astype(dtype)[r]
     elif random_start and norm == "linf":
-      delta = _uniform(restart_key, x.shape, eps)
+      delta = _uniform(restart_key, x.shape, eps, dtype)
     elif random_start:
-      direction = jax.random.normal(restart_key, x.shape, jnp.float32)
+      direction = jax.random.normal(restart_key, x.shape, jnp.float32).astype(dtype)
       direction = direction / jnp.maximum(_per_example_norm(direction), 1e-12)
       radius = jax.random.uniform(jax.random.fold_in(restart_key, 1),
-                                  per_example_shape, jnp.float32)
+                                  per_example_shape, jnp.float32).astype(dtype)
       delta = direction * radius * eps
     else:
-      delta = jnp.zeros(x.shape, jnp.float32)
+      delta = jnp.zeros(x.shape, dtype)
     return project_box(x, delta) if clip_init_to_box else delta
 
   def ascent_direction(grad):
@@ -646,19 +780,25 @@ def pgd(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
     point = x + project_box(x, delta)
     if use_aux:
       (_, aux), grad = jax.value_and_grad(loss_fn.with_aux, has_aux=True)(point)
-      return grad.astype(jnp.float32), aux.losses.astype(jnp.float32), aux.correct
-    grad = _input_grad(loss_fn, point)
+      grad = grad * _boundary_factor(x + delta, box_grad).astype(grad.dtype)
+      return grad.astype(dtype), aux.losses.astype(dtype), aux.correct
+    grad = boundary_input_grad(loss_fn, x, delta, box_grad)
     return grad, None, None
 
-  def run_restart(restart_key):
-    delta = start(restart_key)
+  record = restarts == 1 and steps > 0
+
+  def run_restart(restart_key, r=0):
+    delta = start(restart_key, r)
     best_delta = delta
-    best_loss = jnp.full((batch,), -jnp.inf, jnp.float32)
+    best_loss = jnp.full((batch,), -jnp.inf, dtype)
     best_correct = jnp.ones((batch,), bool)
+    points = jnp.zeros((steps,) + x.shape, dtype) if record else None
 
     def body(i, carry):
-      delta, best_delta, best_loss, best_correct, first_grad = carry
+      delta, best_delta, best_loss, best_correct, first_grad, points = carry
       grad, losses, correct = evaluate(delta)
+      if record:
+        points = points.at[i].set(x + project_box(x, delta))
       # Kept for the output's grad_at_start: a select, no extra pass.
       first_grad = jnp.where(i == 0, grad, first_grad)
       if keep_best:
@@ -670,18 +810,20 @@ def pgd(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
       new_delta = project_box(x, ball(delta + step * ascent_direction(grad), eps))
       if early_stop:
         new_delta = jnp.where(expand(correct), new_delta, delta)
-      return new_delta, best_delta, best_loss, best_correct, first_grad
+      return new_delta, best_delta, best_loss, best_correct, first_grad, points
 
     start_point = x + project_box(x, delta)
-    delta, best_delta, best_loss, best_correct, first_grad = jax.lax.fori_loop(
-        0, steps, body, (delta, best_delta, best_loss, best_correct, jnp.zeros_like(x)),
+    delta, best_delta, best_loss, best_correct, first_grad, points = jax.lax.fori_loop(
+        0, steps, body,
+        (delta, best_delta, best_loss, best_correct, jnp.zeros_like(x), points),
         unroll=unroll)
     first = (start_point, first_grad if steps else None)
     delta = project_box(x, delta)
+    first = first + (points,)
     if not use_aux:
       return delta, None, None, first
     _, aux = loss_fn.with_aux(x + delta)
-    losses, correct = aux.losses.astype(jnp.float32), aux.correct
+    losses, correct = aux.losses.astype(dtype), aux.correct
     if keep_best:
       better = losses > best_loss
       delta = jnp.where(expand(better), delta, project_box(x, best_delta))
@@ -690,12 +832,13 @@ def pgd(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
     return delta, losses, correct, first
 
   if restarts == 1:
-    delta, _, _, (start_point, first_grad) = run_restart(jax.random.fold_in(key, 0))
-    return AttackOutput(delta, start_point, first_grad)
+    delta, _, _, (start_point, first_grad, points) = run_restart(jax.random.fold_in(key, 0))
+    return AttackOutput(delta, start_point, first_grad, points)
 
   def restart_body(r, carry):
     best_delta, best_loss, best_fooled, first = carry
-    delta, losses, correct, first_r = run_restart(jax.random.fold_in(key, r))
+    delta, losses, correct, first_r = run_restart(jax.random.fold_in(key, r), r)
+    first_r = first_r[:2]  # forward points are recorded for one restart only
     first = jax.tree_util.tree_map(lambda a, b: jnp.where(r == 0, b, a), first, first_r)
     fooled = jnp.logical_not(correct)
     take = losses >= best_loss
@@ -706,8 +849,8 @@ def pgd(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
     best_fooled = jnp.where(take, fooled, best_fooled)
     return best_delta, best_loss, best_fooled, first
 
-  init = (jnp.zeros(x.shape, jnp.float32),
-          jnp.full((batch,), -jnp.inf, jnp.float32),
+  init = (jnp.zeros(x.shape, dtype),
+          jnp.full((batch,), -jnp.inf, dtype),
           jnp.zeros((batch,), bool),
           (jnp.zeros_like(x), jnp.zeros_like(x) if steps else None))
   best_delta, _, _, (start_point, first_grad) = jax.lax.fori_loop(

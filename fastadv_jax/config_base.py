@@ -70,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
                                              rotation=0.0))
   # Linear ramp from 0 over the first epochs (SVHN): of eps (PGD) or of the step.
   c.warmup = ml_collections.ConfigDict(dict(epochs=0.0, target="eps"))
+  # BatchNorm running statistics: "once" per step (the CE forward) or
+  # "every_forward" (once per train-mode forward, as the PyTorch references;
+  # see fastadv_jax/train_step.py). Paper configs use the reference's.
+  c.bn_updates = "once"
   # Stochastic weight averaging (AdvLC): average the weights at the end of every
   # epoch from `start_epoch` on; BatchNorm statistics are recomputed on
   # `bn_batches` training batches at the end; evaluated as the "swa" state.

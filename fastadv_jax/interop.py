@@ -1,7 +1,7 @@
 """PyTorch interop: published checkpoints in, parity weights out.
 
 The reference implementations are PyTorch code; their checkpoints (and the
-PyTorch twins in `benchmarks/torch_models.py`) use these state-dict layouts:
+PyTorch twins in `tests/torch_reference/torch_models.py`) use these state-dict layouts:
 
 * PreActResNet-18 (Wong et al., GradAlign, Rice et al.): `conv1.weight`,
   `layer1.0.bn1.{weight,bias,running_mean,running_var}`, `layer1.0.conv1.weight`,
@@ -59,6 +59,34 @@ _MODULE_RENAMES: dict[type, list[tuple[str, str]]] = {
 _IGNORED_KEYS: dict[type, list[str]] = {
     WideResNet: [r"^sub_block1\."],  # built but never called in the references' forward
 }
+
+# Alias keys: the GradAlign code (tml-epfl/understanding-fast-adv-training,
+# models.py l.81 and l.148-149) registers `model_preact_hl1`, a Sequential that
+# reuses modules (CNN: `_model[0]`; PreActResNet: normalize, conv1,
+# layer1[0].bn1), so every state dict it saves carries the same tensors twice.
+# alias prefix -> the key prefix it duplicates; the values must be equal.
+_ALIAS_KEYS: dict[type, list[tuple[str, str]]] = {
+    SimpleCNN: [("model_preact_hl1.0.", "_model.0.")],
+    PreActResNet: [("model_preact_hl1.1.", "conv1."), ("model_preact_hl1.2.", "layer1.0.bn1.")],
+}
+
+
+def _drop_aliases(arch: type, state: dict[str, Any]) -> dict[str, Any]:
+  """Removes the GradAlign code's alias keys after checking they duplicate their
+  originals (a ValueError names any alias whose value differs or whose
+  original is absent)."""
+  bad, kept = [], {}
+  for key, value in state.items():
+    alias = next(((a, o) for a, o in _ALIAS_KEYS.get(arch, []) if key.startswith(a)), None)
+    if alias is None:
+      kept[key] = value
+      continue
+    original = alias[1] + key[len(alias[0]):]
+    if original not in state or not np.array_equal(_to_numpy(state[original]), _to_numpy(value)):
+      bad.append(f"{key} (alias of {original})")
+  if bad:
+    raise ValueError(f"Alias keys that do not duplicate their original: {_listed(bad)}")
+  return kept
 
 _PARAM_LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 _STATS_LEAVES = {"mean": "running_mean", "var": "running_var"}
@@ -227,6 +255,7 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, Any], model_name_or_model:
   hwc = _flatten_order(model, image_shape)
 
   state = _strip_prefix({str(k): v for k, v in state_dict.items()}, prefix)
+  state = _drop_aliases(arch, state)
   ignored = [r"(^|\.)num_batches_tracked$"] + _IGNORED_KEYS.get(arch, [])
   state = {k: v for k, v in state.items() if not any(re.search(p, k) for p in ignored)}
 
@@ -262,12 +291,13 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, Any], model_name_or_model:
 
 def flax_to_torch_state_dict(variables: Mapping[str, Any], model_name_or_model: ModelSpec,
                              *, image_shape: Sequence[int] = (32, 32, 3),
-                             as_torch: bool = True, **model_kwargs) -> "collections.OrderedDict":
+                             as_torch: bool = True, dtype: Any = np.float32,
+                             **model_kwargs) -> "collections.OrderedDict":
   """Converts Flax variables into the reference PyTorch state-dict layout.
 
   The inverse of `torch_state_dict_to_flax`; the result loads with
   `load_state_dict(..., strict=True)` into the twins of
-  `benchmarks/torch_models.py` and into the references' own modules. Each
+  `tests/torch_reference/torch_models.py` and into the references' own modules. Each
   BatchNorm also gets `num_batches_tracked = 0`.
 
   Args:
@@ -276,8 +306,10 @@ def flax_to_torch_state_dict(variables: Mapping[str, Any], model_name_or_model: 
       the model instance the variables belong to.
     image_shape: (H, W, C) of the inputs (SimpleCNN flatten order).
     as_torch: torch tensors (imports torch) if True, NumPy arrays if False.
+    dtype: floating dtype of the result (float32; float64 keeps float64
+      variables exact, for the parity checks).
   Returns:
-    An OrderedDict key -> tensor/array (float32; int64 for num_batches_tracked).
+    An OrderedDict key -> tensor/array (`dtype`; int64 for num_batches_tracked).
   Raises:
     ValueError: when the variables do not match the model's structure or shapes.
   """
@@ -298,9 +330,9 @@ def flax_to_torch_state_dict(variables: Mapping[str, Any], model_name_or_model: 
   out: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
   bn_prefixes = []
   for path in sorted(target, key=lambda p: (p[0] != "params", p)):
-    value = np.asarray(given[path], np.float32)
+    value = np.asarray(given[path], dtype)
     key = _torch_key(arch, path)
-    out[key] = np.array(_flax_to_torch_leaf(value, path, hwc), np.float32, order="C")
+    out[key] = np.array(_flax_to_torch_leaf(value, path, hwc), dtype, order="C")
     if path[0] == "batch_stats" and path[-1] == "mean":
       bn_prefixes.append(key[: -len("running_mean")])
   for bn in bn_prefixes:

@@ -38,10 +38,14 @@ from fastadv_jax import regularizers
 
 ATTACK_BN_MODES = ("batch", "eval")
 WARMUP_TARGETS = ("eps", "step")
+# BatchNorm running-statistics updates per train step (train_step module docstring).
+BN_UPDATES = ("once", "every_forward")
+# AT for Free's order of the δ step and the weight step (train_step docstring).
+CARRIED_ORDERS = ("single_pass", "step_first")
 # GradAlign's λ as a function of ε, by dataset name (regularizers.lambda_for_eps).
 LAMBDA_RULES = ("cifar10", "svhn")
 # Arguments every attack receives from the train step, never from a config.
-_ATTACK_SUPPLIED = ("loss_fn", "x", "key", "eps", "step", "delta")
+_ATTACK_SUPPLIED = ("loss_fn", "x", "key", "eps", "step", "delta", "noise")
 
 
 def did_you_mean(value: Any, choices) -> str:
@@ -71,6 +75,7 @@ class AttackMethod:
     step: the step in pixel units, or None when the attack takes none.
     bn: BatchNorm statistics during the attack: "batch" or "eval".
     replays: train steps per minibatch (AT for Free's m; 1 otherwise).
+    order: for a carried perturbation, "single_pass" or "step_first".
   """
   name: str
   spec: attacks.AttackSpec
@@ -79,6 +84,7 @@ class AttackMethod:
   step: Optional[float]
   bn: str = "batch"
   replays: int = 1
+  order: str = "single_pass"
 
   @property
   def fn(self):
@@ -114,12 +120,14 @@ class Method:
     warmup_epochs: linear ramp from 0 over this many epochs (0: none).
     warmup_target: what ramps: "eps" (PGD in the GradAlign SVHN code) or
       "step" (the attack step of FGSM-based methods).
+    bn_updates: "once" or "every_forward" (see `train_step`).
   """
   eps: float
   attack: AttackMethod
   regularizers: tuple[RegularizerMethod, ...] = ()
   warmup_epochs: float = 0.0
   warmup_target: str = "eps"
+  bn_updates: str = "once"
 
   def initial_hparams(self) -> dict[str, Any]:
     """The traced hyperparameters' initial values, by name."""
@@ -226,7 +234,10 @@ def build_attack(config, eps: float) -> AttackMethod:
   kwargs = dict(config.attack.kwargs)
   what = f"attack {name!r} (config.attack.kwargs)"
   replays = 1
+  order = "single_pass"
   if spec.carried is not None:
+    order = kwargs.pop("order", order)
+    check_name(f"{what}: order", order, CARRIED_ORDERS)
     replays = kwargs.pop(spec.carried.replays_kwarg, 1)
     if isinstance(replays, bool) or not isinstance(replays, (int, np.integer)) or replays < 1:
       raise ValueError(f"{what}: {spec.carried.replays_kwarg}={replays!r} must be an "
@@ -251,7 +262,7 @@ def build_attack(config, eps: float) -> AttackMethod:
 
   _abstract_check(what, call)
   return AttackMethod(name=name, spec=spec, kwargs=kwargs, traced=traced, step=step,
-                      bn=bn, replays=int(replays))
+                      bn=bn, replays=int(replays), order=order)
 
 
 def build_regularizer(name: str, section, eps: float) -> RegularizerMethod:
@@ -301,5 +312,7 @@ def build_method(config) -> Method:
   if warmup_epochs > 0 and target == "step" and attack.step is None:
     raise ValueError(f"warmup.target='step' but attack {attack.name!r} takes no step; "
                      f"use warmup.target='eps' or give attack.step.")
+  bn_updates = config.get("bn_updates", "once")
+  check_name("bn_updates", bn_updates, BN_UPDATES)
   return Method(eps=eps, attack=attack, regularizers=regs, warmup_epochs=warmup_epochs,
-                warmup_target=target)
+                warmup_target=target, bn_updates=bn_updates)

@@ -22,6 +22,36 @@ What a step does:
 4. Differentiates CE(x + δ) + Σ λ·R with respect to the parameters (and δ for
    carried perturbations) and applies the optimizer.
 
+Reference conventions (named options of the `Method`, reference values in the
+paper configs):
+
+* `method.bn_updates`: "once" updates the BatchNorm running statistics from
+  the CE forward only; "every_forward" updates them once per train-mode
+  forward the PyTorch reference makes, in its order: the attack's forwards
+  (`AttackOutput.forward_points`; PGD-k: k), the CE forward at x + δ, then
+  each regularizer's (`RegularizerSpec.forward_points`, which include the
+  input gradients the regularizer computes in the reference). PyTorch
+  updates the running averages on every forward in `model.train()`, so the
+  GradAlign code's FGSM + GradAlign step updates them 3 times
+  (`num_batches_tracked` += 3: the FGSM pass, train.py l.153, the CE pass,
+  l.188, and g₂ at x + η, l.193 via utils.py l.84). The replayed forwards run
+  outside the differentiated function (forward only, with the step's
+  parameters). Not replayed: the GradAlign code's monitoring pass at x for
+  PGD / no attack / random corner (train.py l.182-184), which only feeds a log.
+* `method.attack.order` (AT for Free): "single_pass" (Shafahi et al. 2019,
+  Alg. 1; Wong's train_free.py l.106-118): one forward/backward at x + δ gives
+  the weight gradient and the δ update; "step_first" (the GradAlign code,
+  train.py l.149-170 then l.188): δ is updated first from the gradient at
+  x + δ, then the weights are trained at x + δ_new (two passes).
+* The input-gradient rule at the box boundary is an attack keyword
+  (`box_grad`, see `attacks.boundary_input_grad`).
+
+Explicit draws (parity tests): a batch may carry `batch["noise"]`, a dict
+with "attack" (the attack's `noise=`) and regularizer names (passed through
+their spec's `draw_arg`); the corresponding keys are then not used for those
+draws. `make_train_step(..., trace=True)` adds the per-device δ and the
+averaged parameter gradient to the metrics ("trace/delta", "trace/grads").
+
 Randomness: one seed; the key of step t is `fold_in(PRNGKey(seed), t)`, folded
 with the device index, then split for the attack and the regularizers (each
 regularizer folds in its position). Augmentation uses `fold_in(PRNGKey(seed +
@@ -67,7 +97,10 @@ def regularizer_inputs(method: methods.Method, model, params, batch_stats, x, y,
 
   Reuses the attack's gradient where it is the same quantity: taken with the
   same parameters and BatchNorm mode ("batch", that of the regularizers), at
-  the same point.
+  the same point. The gradient at x is reused only when the attack's boundary
+  rule is "full" (with another rule the attack's gradient is masked at the
+  box boundary, while ∇ℓ(x) is not); GradAlign's g₁ (`grad_at_start`) is the
+  attack's own gradient, mask included, as in the GradAlign code.
   """
   consumed = method.consumed
   wanted = {"grad_at_start", "grad_at_clean"} & consumed
@@ -80,15 +113,28 @@ def regularizer_inputs(method: methods.Method, model, params, batch_stats, x, y,
   if "grad_at_start" in wanted:
     inputs["grad_at_start"] = own if own is not None else jax.grad(loss_fn)(out.start)
   if "grad_at_clean" in wanted:
-    reuse = own is not None and method.attack.gradient_at_clean
+    reuse = (own is not None and method.attack.gradient_at_clean
+             and method.attack.kwargs.get("box_grad", "full") == "full")
     inputs["grad_at_clean"] = own if reuse else jax.grad(loss_fn)(x)
   return jax.lax.stop_gradient(inputs)
 
 
+def replay_forwards(model, params, batch_stats, points: Sequence[jax.Array]):
+  """BatchNorm running statistics after train-mode forwards at `points`, in order."""
+  if not batch_stats:
+    return batch_stats
+  for point in points:
+    _, mutated = model.apply(model_variables(params, batch_stats),
+                             jax.lax.stop_gradient(point), train=True,
+                             mutable=["batch_stats"])
+    batch_stats = mutated["batch_stats"]
+  return batch_stats
+
+
 def make_train_step(model, tx: optax.GradientTransformation, method: methods.Method, *,
                     steps_per_epoch: int | Sequence[int], seed: int,
-                    augment: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-                    ) -> Callable:
+                    augment: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+                    trace: bool = False) -> Callable:
   """Returns `train_step(state, batch) -> (state, metrics)`, written per device.
 
   Args:
@@ -99,19 +145,30 @@ def make_train_step(model, tx: optax.GradientTransformation, method: methods.Met
       phase's when it varies).
     seed: the run's seed.
     augment: `augment(images, example_indices, key) -> float images in [0, 1]`.
+    trace: add "trace/delta" (per device) and "trace/grads" (the averaged
+      parameter gradient) to the metrics, for parity checks.
   Returns:
     The per-device step. `batch` holds "image" (uint8 or float, NHWC), "label"
-    and "index" (the example's position in the epoch, for augmentation keys).
+    and "index" (the example's position in the epoch, for augmentation keys),
+    and optionally "noise" (explicit draws, see the module docstring).
   """
   attack = method.attack
   carried = attack.spec.carried
+  step_first = carried is not None and attack.order == "step_first"
+  every_forward = method.bn_updates == "every_forward"
+  if every_forward:
+    missing = [r.name for r in method.regularizers if r.spec.forward_points is None]
+    if missing:
+      raise ValueError(f"bn_updates='every_forward' needs each regularizer's forward "
+                       f"points; {missing} do not describe theirs (RegularizerSpec."
+                       f"forward_points). Use bn_updates='once'.")
   first_epoch_steps = (steps_per_epoch if isinstance(steps_per_epoch, int)
                        else steps_per_epoch[0])
   warmup_steps = method.warmup_epochs * first_epoch_steps
   eps_full = jnp.float32(method.eps)
 
-  def run_attack(state, x, y, key, eps, step):
-    if carried is not None:
+  def run_attack(state, x, y, key, eps, step, noise):
+    if carried is not None and not step_first:
       delta = attacks.project_box(x, state.attack_state)
       return attacks.AttackOutput(delta, x + delta, None)
     logits = closures.logits_fn(model, model_variables(state.params, state.batch_stats),
@@ -120,6 +177,10 @@ def make_train_step(model, tx: optax.GradientTransformation, method: methods.Met
     kwargs.update({k: state.hparams[f"attack/{k}"] for k in attack.traced})
     if step is not None:
       kwargs["step"] = step
+    if carried is not None:
+      kwargs["delta"] = state.attack_state
+    if noise is not None:
+      kwargs["noise"] = noise
     out = attack.fn(closures.cross_entropy(logits, y), x, key, eps=eps, **kwargs)
     return jax.lax.stop_gradient(out)
 
@@ -133,8 +194,26 @@ def make_train_step(model, tx: optax.GradientTransformation, method: methods.Met
     step = attack.step
     if step is not None and method.warmup_target == "step":
       step = step * ramp
-    out = run_attack(state, x, y, attack_key, eps, step)
+    draws = batch.get("noise", {})
+    out = run_attack(state, x, y, attack_key, eps, step, draws.get("attack"))
     constants = regularizer_inputs(method, model, state.params, state.batch_stats, x, y, out)
+
+    def reg_args(params, delta, logits_adv):
+      """Each regularizer's call arguments, built from `params`."""
+      variables = model_variables(params, state.batch_stats)
+      logits_fn = closures.logits_fn(model, variables, bn="batch")
+      quantities = dict(
+          constants, loss_fn=closures.cross_entropy(logits_fn, y), logits_fn=logits_fn,
+          x=x, labels=y, delta=jax.lax.stop_gradient(delta), start=out.start,
+          logits_adv=logits_adv, eps=eps_full, step_index=state.step)
+      calls = []
+      for i, reg in enumerate(method.regularizers):
+        quantities["key"] = jax.random.fold_in(reg_key, i)
+        args = {arg: quantities[q] for arg, q in reg.spec.consumes.items()}
+        if reg.name in draws:
+          args[reg.spec.draw_arg] = draws[reg.name]
+        calls.append(args)
+      return calls
 
     def loss_fn(params, delta):
       variables = model_variables(params, state.batch_stats)
@@ -143,26 +222,34 @@ def make_train_step(model, tx: optax.GradientTransformation, method: methods.Met
       ce = jnp.mean(closures.cross_entropy_per_example(logits, y))
       total, values = ce, {}
       if method.regularizers:
-        logits_fn = closures.logits_fn(model, variables, bn="batch")
-        quantities = dict(
-            constants, loss_fn=closures.cross_entropy(logits_fn, y), logits_fn=logits_fn,
-            x=x, labels=y, delta=jax.lax.stop_gradient(delta), start=out.start,
-            logits_adv=logits.astype(jnp.float32), eps=eps_full, step_index=state.step)
-        for i, reg in enumerate(method.regularizers):
-          quantities["key"] = jax.random.fold_in(reg_key, i)
-          args = {arg: quantities[q] for arg, q in reg.spec.consumes.items()}
+        calls = reg_args(params, delta, logits.astype(jnp.promote_types(logits.dtype, jnp.float32)))
+        for reg, args in zip(method.regularizers, calls):
           values[reg.name] = reg.fn(**args, **reg.hparams)
           total = total + state.hparams[f"reg/{reg.name}"] * values[reg.name]
       new_stats = mutated.get("batch_stats", state.batch_stats)
       return total, (logits, new_stats, ce, values)
 
-    argnums = (0, 1) if carried is not None else 0
+    argnums = (0, 1) if carried is not None and not step_first else 0
     (total, (logits, new_stats, ce, values)), grads = jax.value_and_grad(
         loss_fn, argnums=argnums, has_aux=True)(state.params, out.delta)
     attack_state = state.attack_state
-    if carried is not None:
+    if step_first:
+      attack_state = out.delta
+    elif carried is not None:
       grads, grad_delta = grads
       attack_state = carried.update(x, out.delta, grad_delta, eps=eps, step=step)
+    if every_forward:
+      # The regularizers' own descriptions cover the input gradients they use
+      # (the reference computes them inside the regularizer), so the constants
+      # computed above for them are not replayed.
+      # An attack in eval mode (attack.bn="eval") updates nothing.
+      points = (list(out.forward_points)
+                if out.forward_points is not None and attack.bn == "batch" else [])
+      points += [x + out.delta]
+      calls = reg_args(state.params, out.delta, None) if method.regularizers else []
+      for reg, args in zip(method.regularizers, calls):
+        points += list(reg.spec.forward_points(args, reg.hparams))
+      new_stats = replay_forwards(model, state.params, state.batch_stats, points)
     grads = jax.lax.pmean(grads, AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -171,6 +258,9 @@ def make_train_step(model, tx: optax.GradientTransformation, method: methods.Met
                "train/eps": eps * 255.0}
     metrics.update({f"train/reg/{n}": v for n, v in values.items()})
     metrics = jax.lax.pmean(metrics, AXIS)
+    if trace:
+      metrics["trace/delta"] = out.delta
+      metrics["trace/grads"] = grads
     return state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                          opt_state=opt_state, attack_state=attack_state), metrics
 

@@ -716,3 +716,121 @@ def test_bad_concrete_input_raises_value_error(params, case):
     assert "fgsm_rs" in str(info.value) and "zerograd" in str(info.value)
   if case == "early_stop_plain":
     assert "with_aux" in str(info.value)
+
+
+# ----------------------------------------------------------------------------
+# Explicit draws (`noise=`) and the gradient rule at the box boundary.
+# ----------------------------------------------------------------------------
+
+def _key_draw(name, key, eps=EPS):
+  """The draw an attack makes from `key` with its defaults, reproduced here."""
+  unit = lambda k, shape: jax.random.uniform(k, shape, jnp.float32, -1.0, 1.0)
+  if name == "multigrad":
+    keys = jax.random.split(key, 3)
+    return jnp.stack([unit(k, SHAPE) * eps for k in keys])
+  if name == "pgd":  # restart r draws from fold_in(key, r)
+    return (unit(jax.random.fold_in(key, 0), SHAPE) * eps)[None]
+  if name == "random_corner":
+    return eps * jax.random.rademacher(key, SHAPE, jnp.float32)
+  return unit(key, SHAPE) * (2 * eps if name == "n_fgsm" else eps)
+
+
+DRAWING = ["fgsm_rs", "zerograd", "multigrad", "n_fgsm", "fgsm_n", "random_corner", "pgd"]
+
+
+@pytest.mark.parametrize("name", DRAWING)
+def test_explicit_noise_equal_to_the_keys_draw_gives_the_same_output(params, name):
+  """noise=None draws from the key; passing that very draw gives bit-identical
+  results, and another draw another delta (the argument is really used)."""
+  x, y = jnp.asarray(_box_images(31)), _labels(31)
+  key = jax.random.PRNGKey(7)
+  kwargs = dict(_row(name)["kwargs"])
+  fn = attacks.ATTACK_SPECS[name].fn
+  loss = ce_loss_fn(params, y)
+  drawn = fn(loss, x, key, eps=EPS, **kwargs)
+  draw = _key_draw(name, key)
+  given = fn(loss, x, None, eps=EPS, noise=draw, **kwargs)
+  chex.assert_trees_all_equal(drawn, given)
+  other = fn(loss, x, None, eps=EPS, noise=-draw, **kwargs)
+  assert not np.array_equal(np.asarray(other.delta), np.asarray(drawn.delta))
+
+
+def test_noise_of_the_wrong_shape_raises(params):
+  x, y = jnp.asarray(_images(3)), _labels(3)
+  with pytest.raises(ValueError, match="noise has shape"):
+    attacks.fgsm_rs(ce_loss_fn(params, y), x, None, eps=EPS, noise=jnp.zeros((2, 8, 8, 3)))
+  with pytest.raises(ValueError, match="noise has shape"):
+    attacks.pgd(ce_loss_fn(params, y), x, None, eps=EPS, step=EPS / 4, steps=1,
+                noise=jnp.zeros(SHAPE))
+
+
+def test_boundary_input_grad_rules_on_a_linear_loss():
+  """Through clamp(x + delta, 0, 1): factor 1 inside, 0 outside, and at exactly 0 or
+  1 the tie rule: 1 ("full", no clamp), 0 (PyTorch 1.4), 1/2 (current PyTorch)."""
+  c = np.random.default_rng(2).normal(size=SHAPE).astype(np.float32)
+  x = _images(2, 0.2, 0.8)
+  x[:, 0] = 0.0
+  x[:, 1] = 1.0
+  delta = np.zeros(SHAPE, np.float32)
+  delta[:, 2] = -1.0     # x + delta < 0: outside
+  loss = _linear_loss(c)
+  g = {r: np.asarray(attacks.boundary_input_grad(loss, jnp.asarray(x), jnp.asarray(delta), r))
+       for r in attacks.BOX_GRAD_RULES}
+  base = c / BATCH
+  inside = np.ones(SHAPE, bool)
+  inside[:, :3] = False
+  for r in ("full", "zero", "half"):
+    np.testing.assert_allclose(g[r][inside], base[inside], rtol=1e-6)
+  np.testing.assert_allclose(g["full"][:, :3], base[:, :3], rtol=1e-6)
+  np.testing.assert_array_equal(g["zero"][:, :3], 0.0)
+  np.testing.assert_allclose(g["half"][:, :2], base[:, :2] / 2, rtol=1e-6)
+  np.testing.assert_array_equal(g["half"][:, 2], 0.0)
+
+
+def test_boundary_rules_match_torch_clamp_of_the_gradalign_code():
+  """`box_grad="half"` is what current PyTorch gives through GA's utils.clamp."""
+  rng = np.random.default_rng(4)
+  x = np.clip(rng.uniform(-0.3, 1.3, SHAPE), 0, 1).astype(np.float32)
+  delta = rng.choice([0.0, EPS, -EPS], SHAPE).astype(np.float32)
+  c = rng.normal(size=SHAPE).astype(np.float32)
+  d = torch.tensor(delta, requires_grad=True)
+  lo, hi = torch.zeros(1), torch.ones(1)
+  point = torch.max(torch.min(torch.tensor(x) + d, hi), lo)
+  (point * torch.tensor(c)).sum().div(BATCH).backward()
+  ours = attacks.boundary_input_grad(_linear_loss(c), jnp.asarray(x), jnp.asarray(delta), "half")
+  np.testing.assert_allclose(np.asarray(ours), d.grad.numpy(), rtol=1e-6, atol=0)
+
+
+def test_fgsm_with_the_pytorch14_rule_leaves_boundary_pixels_unperturbed(params):
+  x, y = _box_images(9), _labels(9)
+  loss = ce_loss_fn(params, y)
+  zero = np.asarray(attacks.fgsm(loss, jnp.asarray(x), eps=EPS, box_grad="zero").delta)
+  full = np.asarray(attacks.fgsm(loss, jnp.asarray(x), eps=EPS).delta)
+  at_boundary = (x == 0) | (x == 1)
+  assert np.all(zero[at_boundary] == 0)
+  # With the full gradient, about half of them move into the box.
+  assert 0.3 < np.mean(full[at_boundary] != 0) < 0.7
+  np.testing.assert_array_equal(zero[~at_boundary], full[~at_boundary])
+
+
+def test_attacks_keep_float64_inputs_in_float64(params):
+  with jax.enable_x64(True):
+    x = jnp.asarray(_images(5), jnp.float64)
+    y = _labels(5)
+    p64 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
+    loss = closures.cross_entropy(lambda z: mlp_logits(p64, z, jnp.float64), y)
+    for name in ("fgsm", "fgsm_rs", "pgd"):
+      kwargs = dict(_row(name)["kwargs"])
+      out = attacks.ATTACK_SPECS[name].fn(loss, x, jax.random.PRNGKey(0), eps=EPS, **kwargs)
+      assert out.delta.dtype == jnp.float64 and out.grad_at_start.dtype == jnp.float64, name
+
+
+@pytest.mark.parametrize("name,count", [("fgsm", 1), ("fgsm_rs", 1), ("n_fgsm", 1),
+                                        ("multigrad", 3), ("pgd", 3), ("free", 1)])
+def test_attacks_report_the_points_of_their_forward_passes(params, name, count):
+  x, y = _box_images(12), _labels(12)
+  out = _run(params, name, {}, x, y, jax.random.PRNGKey(1))
+  points = np.asarray(out.forward_points)
+  assert points.shape == (count,) + SHAPE
+  np.testing.assert_array_equal(points[0], np.asarray(out.start))
+  assert points.min() >= 0 and points.max() <= 1

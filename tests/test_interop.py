@@ -1,6 +1,6 @@
 """PyTorch <-> Flax checkpoint conversion: same logits both ways, clear errors.
 
-The PyTorch twins (benchmarks/torch_models.py) use the reference state-dict
+The PyTorch twins (tests/torch_reference/torch_models.py) use the reference state-dict
 layouts; tiny widths and a batch of 4 keep this fast.
 """
 
@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 from fastadv_jax import interop, models  # noqa: E402
 from model_helpers import random_variables  # noqa: E402
 
-_TWINS_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "torch_models.py")
+_TWINS_PATH = os.path.join(os.path.dirname(__file__), "torch_reference", "torch_models.py")
 
 
 def _load_twins():
@@ -198,3 +198,35 @@ def test_torch_twins_have_the_flax_parameter_counts(name, kwargs):
   torch_count = twins.count_torch_params(twins.build_torch_model(name, **kwargs))
   flax_count = models.count_params(models.abstract_variables(models.get_model(name, **kwargs)))
   assert torch_count == flax_count
+
+
+def _with_gradalign_aliases(state_dict, name):
+  """A state dict as the GradAlign code saves it: its models register
+  `model_preact_hl1` (models.py l.81, l.148-149), reusing modules, so the same
+  tensors appear a second time under alias keys."""
+  aliases = ({"model_preact_hl1.0.": "_model.0."} if name == "simple_cnn" else
+             {"model_preact_hl1.1.": "conv1.", "model_preact_hl1.2.": "layer1.0.bn1."})
+  out = dict(state_dict)
+  for alias, original in aliases.items():
+    for key, value in state_dict.items():
+      if key.startswith(original):
+        out[alias + key[len(original):]] = value
+  return out
+
+
+@pytest.mark.parametrize("name, kwargs", [CASES[0], CASES[3]], ids=[IDS[0], IDS[3]])
+def test_gradalign_checkpoints_with_alias_keys_load_in_strict_mode(name, kwargs, images):
+  torch.manual_seed(0)
+  torch_model = twins.build_torch_model(name, **kwargs)
+  _randomize_batchnorm(torch_model)
+  state = _with_gradalign_aliases(torch_model.state_dict(), name)
+  assert any(k.startswith("model_preact_hl1.") for k in state)
+  model = models.get_model(name, **kwargs)
+  variables = interop.torch_state_dict_to_flax(state, model, strict=True)
+  _assert_logits_close(np.asarray(jax.jit(model.apply)(variables, images)),
+                       _torch_logits(torch_model, images))
+  # An alias that does not duplicate its original is an error, not silently dropped.
+  alias = next(k for k in state if k.startswith("model_preact_hl1.") and k.endswith("weight"))
+  corrupt = dict(state, **{alias: state[alias] + 1})
+  with pytest.raises(ValueError, match="model_preact_hl1"):
+    interop.torch_state_dict_to_flax(corrupt, model, strict=True)

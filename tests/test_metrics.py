@@ -221,3 +221,23 @@ def test_bad_concrete_input_raises(images):
     M.gradient_alignment(loss_fn, images, jax.random.key(0), eps=8)
   with pytest.raises(ValueError, match="closures.LossFn"):
     M.linearization_error(loss_fn, images, images, per_example=True)
+
+
+def test_pyhessian_solver_converges_deflates_and_reports(images):
+  """PyHessian's power iteration with deflation and tol 1e-3 (AdvLC's copy):
+  the top eigenvalues of a known quadratic, found in order, each converged in
+  fewer than max_iter products; a too small budget is reported unconverged."""
+  spectrum = np.concatenate([[9.0, 6.0, 3.0], np.linspace(-0.5, 1.0, D - 3)])
+  _, per_example = _quadratic_problem(spectrum)
+  loss_fn = lambda x: jnp.mean(per_example(x))
+  one = images[:1]
+  full, short = _run(lambda: (
+      M.hessian_eigenvalues(loss_fn, one, jax.random.key(3), top_n=3),
+      M.hessian_eigenvalues(loss_fn, one, jax.random.key(3), top_n=3, max_iter=2)))
+  # The stopping rule bounds the relative change, not the error: the error is
+  # about tol·(ratio of eigenvalues) at most, well within 1e-2 here.
+  np.testing.assert_allclose(np.asarray(full.values), [9.0, 6.0, 3.0], rtol=1e-2)
+  assert np.all(np.asarray(full.converged))
+  assert np.all(np.asarray(full.iterations) < 100) and np.all(np.asarray(full.iterations) > 2)
+  assert not np.any(np.asarray(short.converged))
+  np.testing.assert_array_equal(np.asarray(short.iterations), 2)

@@ -439,18 +439,22 @@ def test_gradient_penalty_scales(tiny32):
     moved = x + EPS * jnp.sign(g)
     return dict(
         frob=jnp.sum(g ** 2), own=jnp.mean(jnp.sum(own ** 2, axis=(1, 2, 3))),
-        per_example=R.input_grad_norm(loss, x),
+        per_example=R.input_grad_norm(loss, x, scale="per_example"),
         batch_mean=R.input_grad_norm(loss, x, scale="batch_mean"),
         averaged=R.input_grad_norm(loss, x, scale="batch_mean_averaged"),
+        default=R.input_grad_norm(loss, x),
         cure=R.cure(loss, x, eps=EPS),
         cure_given_grad=R.cure(loss, x, eps=EPS, grad_x=g),
-        cure_expected=B * jnp.sum((jax.grad(loss)(moved) - g) ** 2))
+        # The CURE/GradAlign code's convention (the default): gradients of the
+        # batch-mean loss, squared norm per example, averaged over the batch.
+        cure_expected=jnp.mean(jnp.sum((jax.grad(loss)(moved) - g) ** 2, axis=(1, 2, 3))))
 
   r = {k: float(v) for k, v in _run(compute).items()}
   np.testing.assert_allclose(r["per_example"], B * r["frob"], rtol=1e-5)
   np.testing.assert_allclose(r["per_example"], r["own"], rtol=1e-5)
   np.testing.assert_allclose(r["batch_mean"], r["frob"], rtol=1e-5)
   np.testing.assert_allclose(r["averaged"], r["frob"] / B, rtol=1e-5)
+  np.testing.assert_allclose(r["default"], r["averaged"], rtol=0)
   assert r["cure_expected"] > 0
   np.testing.assert_allclose(r["cure"], r["cure_expected"], rtol=1e-4)
   np.testing.assert_allclose(r["cure_given_grad"], r["cure"], rtol=1e-6)
@@ -646,3 +650,48 @@ def test_bad_concrete_input_raises(tiny32):
     elle_lib.elle(loss, x, eps=EPS, draws=(draws[0], draws[1], draws[2] + 1.5))
   with pytest.raises(ValueError, match="alpha must have shape"):
     elle_lib.elle(loss, x, eps=EPS, draws=(draws[0], draws[1], draws[2][:2]))
+
+
+# ---------------------------------------------------------------------------
+# Explicit draws and the reference's train-mode forwards
+# ---------------------------------------------------------------------------
+
+def test_grad_align_with_the_keys_draw_passed_explicitly_is_bit_identical(tiny32):
+  params, x, y, _ = tiny32
+  loss_fn = closures.cross_entropy(_tiny_logits_fn(params), y)
+  key = jax.random.key(11)
+  drawn = R.grad_align(loss_fn, x, key, eps=EPS)
+  given = R.grad_align(loss_fn, x, None, eps=EPS, noise=R.grad_align_noise(key, x, EPS))
+  assert float(drawn) == float(given)
+  other = R.grad_align(loss_fn, x, None, eps=EPS, noise=-R.grad_align_noise(key, x, EPS))
+  assert float(other) != float(drawn)
+  with pytest.raises(ValueError, match="noise"):
+    R.grad_align(loss_fn, x, None, eps=EPS, noise=jnp.zeros((1,) + x.shape[1:]))
+  with pytest.raises(ValueError, match="key"):
+    R.grad_align(loss_fn, x, None, eps=EPS)
+
+
+@pytest.mark.parametrize("name", sorted(R.REGULARIZER_SPECS))
+def test_every_regularizer_describes_its_reference_forwards(problem32, name):
+  """`forward_points` (what bn_updates="every_forward" replays) returns points of
+  the batch's image shape; a regularizer with a random draw names its argument."""
+  spec = R.REGULARIZER_SPECS[name]
+  assert spec.forward_points is not None, name
+  if "key" in spec.consumes.values():
+    assert spec.draw_arg in inspect.signature(spec.fn).parameters, name
+  params = problem32.params
+  quantities = train_step_quantities(problem32, params)
+  args = {arg: quantities[q] for arg, q in spec.consumes.items()}
+  hparams = dict(method_rows.regularizer_row(name))
+  points = spec.forward_points(args, hparams)
+  for p in points:
+    assert p.shape[1:] == quantities["x"].shape[1:] and p.dtype == quantities["x"].dtype
+
+
+def test_grad_align_forward_point_is_x_plus_its_noise(problem32):
+  quantities = train_step_quantities(problem32, problem32.params)
+  spec = R.REGULARIZER_SPECS["grad_align"]
+  args = {arg: quantities[q] for arg, q in spec.consumes.items()}
+  (point,) = spec.forward_points(args, {})
+  eta = R.grad_align_noise(args["key"], args["x"], args["eps"])
+  np.testing.assert_array_equal(np.asarray(point), np.asarray(args["x"] + eta))

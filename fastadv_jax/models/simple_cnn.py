@@ -53,7 +53,7 @@ class SimpleCNN(nn.Module):
     x = x.reshape(x.shape[0], -1)
     x = common.dense(self.num_classes, in_features=x.shape[-1], init=self.init_scheme,
                      dtype=self.dtype, name="linear")(x)
-    return x.astype(jnp.float32)
+    return x.astype(jnp.promote_types(self.dtype, jnp.float32))  # float64 kept (parity checks)
 
 
 def filter_norms(params: Any) -> dict[str, jax.Array]:

@@ -206,12 +206,12 @@ def _every_k(compute: Callable[[], Array], every: int, step_index: Any,
   return value * every if scale_by_every else value
 
 
-def grad_align(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
+def grad_align(loss_fn: LossClosure, x: Array, key: Optional[Array] = None, *, eps: Any,
                grad_start: Optional[Array] = None, x_start: Optional[Array] = None,
                formulation: str = DEFAULT_FORMULATION,
                differentiate_both: bool = False, clip_noise: bool = False,
                subset_fraction: float = 1.0, every: int = 1, step_index: Any = None,
-               scale_by_every: bool = False) -> Array:
+               scale_by_every: bool = False, noise: Optional[Array] = None) -> Array:
   """GradAlign regularizer (Andriushchenko & Flammarion 2020, Eq. 7).
 
   Ω = 1 − mean_i cos(g₁ᵢ, g₂ᵢ), g₁ = ∇ₓℓ at the attack's starting point (the
@@ -244,6 +244,10 @@ def grad_align(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
     step_index: the training step index (a traced int is fine).
     scale_by_every: multiply the regularizer by `every` on the steps where it
       is computed, so that its average weight over steps is unchanged.
+    noise: η itself (shape of x, pixel units; of the subset with
+      subset_fraction < 1); None draws U[-ε, ε]^d from key
+      (`grad_align_noise`). Parity tests pass the reference's draw here (the
+      GradAlign code's `get_uniform_delta`, utils.py l.147-151).
   Returns:
     The scalar Ω (not yet multiplied by λ).
   """
@@ -256,6 +260,8 @@ def grad_align(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
     _checks.check_same_shape("grad_start", grad_start, "x", x)
   if x_start is not None:
     _checks.check_same_shape("x_start", x_start, "x", x)
+  if key is None and noise is None:
+    raise ValueError("grad_align draws η and needs a jax.random key (or noise=...).")
 
   batch = x.shape[0]
   size = _count(subset_fraction, batch)
@@ -266,11 +272,11 @@ def grad_align(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
     x_start = None if x_start is None else x_start[:size]
   start = x if x_start is None else x_start
 
+  if noise is not None:
+    _checks.check_same_shape("noise", noise, "x (of the regularized subset)", x)
+
   def compute() -> Array:
-    eta = jax.random.uniform(key, x.shape, jnp.float32, -eps, eps)
-    x_noisy = x + eta.astype(x.dtype)
-    if clip_noise:
-      x_noisy = jnp.clip(x_noisy, 0.0, 1.0)
+    x_noisy = _grad_align_point(x, key, eps, noise, clip_noise)
     if differentiate_both:
       return exact_grad_penalty(loss_fn, (start, x_noisy), _one_minus_mean_cosine,
                                 formulation=formulation)
@@ -282,12 +288,53 @@ def grad_align(loss_fn: LossClosure, x: Array, key: Array, *, eps: Any,
   return _every_k(compute, every, step_index, scale_by_every)
 
 
+def grad_align_noise(key: Array, x: Array, eps: Any) -> Array:
+  """GradAlign's η ~ U[-ε, ε]^d as `grad_align` draws it from `key`."""
+  return jax.random.uniform(key, x.shape, jnp.float32, -eps, eps)
+
+
+def _grad_align_point(x, key, eps, noise, clip_noise):
+  eta = grad_align_noise(key, x, eps) if noise is None else jnp.asarray(noise)
+  x_noisy = x + eta.astype(x.dtype)
+  return jnp.clip(x_noisy, 0.0, 1.0) if clip_noise else x_noisy
+
+
+def _grad_align_forward_points(args, hparams):
+  """The train-mode forwards of `grad_align` in the GradAlign code: g₂ at x + η
+  (train.py l.193); g₁ comes from the attack (recomputed at the start with
+  differentiate_both). `every` > 1 is not replayed (every step counted)."""
+  x, start = args["x"], args.get("x_start")
+  size = _count(hparams.get("subset_fraction", 1.0), x.shape[0])
+  x = x[:size]
+  points = [_grad_align_point(x, args.get("key"), args["eps"], args.get("noise"),
+                              hparams.get("clip_noise", False))]
+  if hparams.get("differentiate_both", False):
+    points.insert(0, (x if start is None else start[:size]))
+  return points
+
+
 # ---------------------------------------------------------------------------
 # CURE and the input-gradient norm
 # ---------------------------------------------------------------------------
 
+# The default gradient convention of CURE and IGR (see `_scale_factor`).
+DEFAULT_GRAD_SCALE = "batch_mean_averaged"
+
+
 def _scale_factor(scale: str, batch: int) -> float:
   """Factor c with penalty = c · ‖∇ₓL‖²_F, L the batch-mean loss.
+
+  The default, "batch_mean_averaged", is the convention of the code behind the
+  published λ: the CURE authors' code (F-Salehi/CURE_robustness, CURE/CURE.py,
+  `regularizer`: `nn.CrossEntropyLoss()` is the batch mean, the gradient of
+  its difference is taken w.r.t. the batch tensor, then a norm per example,
+  `torch.sum(λ·reg) / B`) and the GradAlign code, whose input gradients are
+  those of the batch-mean CE (utils.py `get_input_grad`, l.70-88) reduced per
+  example and then averaged (train.py l.194-200). GradAlign Table 8's λ (700,
+  1000 at B = 128) then weigh a penalty B² = 16,384 times smaller than the
+  per-example one, which at initialisation of the GradAlign PreActResNet-18
+  made λ·IGR about 1e5 × the CE (issue 10's measurement; NaN within a few
+  steps), i.e. about 6 × the CE with this default.
 
   * "per_example": mean_i ‖∇_{xᵢ} ℓᵢ‖₂², the per-example gradient of the
     per-example loss, summed over the input and averaged over the batch; with
@@ -304,21 +351,22 @@ def _scale_factor(scale: str, batch: int) -> float:
           "batch_mean_averaged": 1.0 / batch}[scale]
 
 
-def input_grad_norm(loss_fn: LossClosure, x: Array, *, scale: str = "per_example",
+def input_grad_norm(loss_fn: LossClosure, x: Array, *, scale: str = DEFAULT_GRAD_SCALE,
                     formulation: str = DEFAULT_FORMULATION) -> Array:
   """Input-gradient L2 penalty (IGR; GradAlign Table 8, Li & Spratling Table 3).
 
-  Default ("per_example"): mean_i ‖∇_{xᵢ} ℓᵢ(xᵢ)‖₂², the squared L2 norm of
-  each example's gradient of its own loss, averaged over the batch. Neither
-  paper says which loss is meant; the other conventions differ by constant
-  factors that λ absorbs: "batch_mean" = ‖∇ₓ L‖²_F (L the batch-mean loss)
-  = per_example / B, and "batch_mean_averaged" = per_example / B². Published
-  λ (1000-2000) may assume any of them.
+  Default ("batch_mean_averaged"): mean_i ‖∇_{xᵢ} L‖₂² with L the batch-mean
+  loss (torch: `grad(F.cross_entropy(out, y), x).pow(2).sum((1, 2, 3)).mean()`),
+  the convention of the CURE and GradAlign code (see `_scale_factor`), for
+  which the published λ (GradAlign Table 8: 1000 / 2000 at ε = 8 / 16) train
+  stably. The others differ by constant factors: "per_example" = mean_i
+  ‖∇_{xᵢ} ℓᵢ(xᵢ)‖₂² (each example's gradient of its own loss) = B² × the
+  default, "batch_mean" = ‖∇ₓ L‖²_F = B × the default.
 
   Args:
     loss_fn: batch-mean loss closure.
     x: the point where the gradient is taken (B, ...).
-    scale: "per_example" (default), "batch_mean" or "batch_mean_averaged".
+    scale: "batch_mean_averaged" (default), "batch_mean" or "per_example".
     formulation: as in `exact_grad_penalty`.
   Returns:
     The scalar penalty (not yet multiplied by λ).
@@ -329,16 +377,17 @@ def input_grad_norm(loss_fn: LossClosure, x: Array, *, scale: str = "per_example
                             formulation=formulation)
 
 
-def cure(loss_fn: LossClosure, x: Array, *, eps: Any, scale: str = "per_example",
+def cure(loss_fn: LossClosure, x: Array, *, eps: Any, scale: str = DEFAULT_GRAD_SCALE,
          formulation: str = DEFAULT_FORMULATION, clip: bool = False,
          grad_x: Optional[Array] = None) -> Array:
   """CURE curvature penalty (Moosavi-Dezfooli et al. 2019).
 
   ‖∇ₓℓ(x + δ) − ∇ₓℓ(x)‖₂² with δ = ε·sign(∇ₓℓ(x)); the direction is a
   constant (its derivative is zero), both gradients are differentiated. The
-  per-example / batch-mean factor is that of `input_grad_norm`: "per_example"
-  (default) is mean_i ‖∇_{xᵢ}ℓᵢ(xᵢ+δᵢ) − ∇_{xᵢ}ℓᵢ(xᵢ)‖₂²; "batch_mean" is
-  1/B of it, "batch_mean_averaged" 1/B².
+  gradient convention is that of `input_grad_norm`: by default
+  mean_i ‖∇_{xᵢ}L(x+δ) − ∇_{xᵢ}L(x)‖₂² with L the batch-mean loss (the CURE
+  code's, CURE/CURE.py `regularizer`, with GradAlign Table 8's squared norm and
+  δ = ε·sign); "batch_mean" is B times it, "per_example" B² times.
 
   Args:
     loss_fn: batch-mean loss closure.
@@ -371,6 +420,17 @@ def cure(loss_fn: LossClosure, x: Array, *, eps: Any, scale: str = "per_example"
     grads = (jax.lax.stop_gradient(g_x), jax.grad(loss_fn)(x_moved))
   return exact_grad_penalty(loss_fn, (x, x_moved), penalty, formulation=formulation,
                             grads=grads)
+
+
+def _cure_forward_points(args, hparams):
+  """CURE's train-mode forwards: at x (∇ℓ(x)) and at x + h·sign(∇ℓ(x))."""
+  x, g_x = args["x"], args.get("grad_x")
+  if g_x is None:
+    g_x = jax.grad(args["loss_fn"])(x)
+  moved = x + (args["eps"] * jnp.sign(g_x)).astype(x.dtype)
+  if hparams.get("clip", False):
+    moved = jnp.clip(moved, 0.0, 1.0)
+  return [x, jax.lax.stop_gradient(moved)]
 
 
 # ---------------------------------------------------------------------------
@@ -540,9 +600,21 @@ class RegularizerSpec:
       gradient.
     consumes: argument name of `fn` -> the train-step quantity it receives
       (a key of `TRAIN_STEP_QUANTITIES`).
+    draw_arg: the keyword through which `fn` accepts its random draw
+      explicitly (`noise` for GradAlign's η, `draws` for ELLE), or None for a
+      deterministic regularizer. The train step passes a draw given in the
+      batch (`batch["noise"][name]`) through it (parity tests).
+    forward_points: `forward_points(args, hparams) -> [points]`: the inputs at
+      which the reference runs the model in train mode for this regularizer,
+      in order (`args` are the call's consumed arguments plus the draw). The
+      train step replays them with `bn_updates="every_forward"` to update the
+      BatchNorm running statistics as PyTorch does; None when the
+      regularizer has no such description (that mode then refuses it).
   """
   fn: Callable[..., Array]
   consumes: Mapping[str, str]
+  draw_arg: Optional[str] = None
+  forward_points: Optional[Callable[[Mapping[str, Any], Mapping[str, Any]], list]] = None
 
   def __post_init__(self):
     unknown = set(self.consumes.values()) - set(TRAIN_STEP_QUANTITIES)
@@ -569,11 +641,20 @@ def register_regularizer(name: str, spec: RegularizerSpec) -> RegularizerSpec:
 
 register_regularizer("grad_align", RegularizerSpec(grad_align, dict(
     loss_fn="loss_fn", x="x", key="key", eps="eps", grad_start="grad_at_start",
-    x_start="start", step_index="step_index")))
+    x_start="start", step_index="step_index"), draw_arg="noise",
+    forward_points=_grad_align_forward_points))
 register_regularizer("cure", RegularizerSpec(cure, dict(
-    loss_fn="loss_fn", x="x", eps="eps", grad_x="grad_at_clean")))
+    loss_fn="loss_fn", x="x", eps="eps", grad_x="grad_at_clean"),
+    forward_points=_cure_forward_points))
 register_regularizer("input_grad_norm", RegularizerSpec(input_grad_norm, dict(
-    loss_fn="loss_fn", x="x")))
+    loss_fn="loss_fn", x="x"), forward_points=lambda args, hp: [args["x"]]))
+def _advlc_forward_points(args, hparams):
+  """AdvLC's train-mode forwards beside the CE pass: none for clean_point="start"
+  (the AdvLC code's `model(cle)` is the attack's own forward, src/utils/train.py
+  l.189-195), the clean x for clean_point="x"."""
+  return [] if hparams.get("clean_point", "x") == "start" else [args["x"]]
+
+
 _ADVLC_CONSUMES = dict(logits_fn="logits_fn", x="x", delta="delta", start="start",
                        logits_adv="logits_adv")
 for _name, _kwargs in (("advlc", dict(distance="l1", top_fraction=0.1)),
@@ -583,7 +664,8 @@ for _name, _kwargs in (("advlc", dict(distance="l1", top_fraction=0.1)),
                        ("advlc_js", dict(distance="js")),
                        ("advlc_nuclear", dict(distance="nuclear"))):
   register_regularizer(_name, RegularizerSpec(
-      functools.partial(adv_logit_consistency_at, **_kwargs), _ADVLC_CONSUMES))
+      functools.partial(adv_logit_consistency_at, **_kwargs), _ADVLC_CONSUMES,
+      forward_points=_advlc_forward_points))
 
 
 def _import_own_modules() -> None:

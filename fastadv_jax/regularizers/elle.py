@@ -233,5 +233,17 @@ def elle_a_update(state: ElleAState, value: Any, *, lambda_max: Any = 4000.0,
   return ElleAState(lam, count, mean, m2)
 
 
+def _elle_forward_points(args, hparams):
+  """ELLE's train-mode forwards: one of the 3B joint batch, or three of B."""
+  x = args["x"]
+  draws = args.get("draws")
+  draws = elle_draws(args["key"], x) if draws is None else draws
+  points = elle_points(x, args["eps"], draws, clip=hparams.get("clip", False))
+  if hparams.get("joint_forward", True):
+    return [jnp.concatenate(points)]
+  return list(points)
+
+
 register_regularizer("elle", RegularizerSpec(elle, dict(
-    loss_fn="loss_fn", x="x", key="key", eps="eps")))
+    loss_fn="loss_fn", x="x", key="key", eps="eps"), draw_arg="draws",
+    forward_points=_elle_forward_points))
