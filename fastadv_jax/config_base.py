@@ -240,7 +240,7 @@ def validate_config(config, num_devices: int = 1):
     The validated `methods.Method` of the config.
   """
   # Imported here: these modules import jax and are heavy; configs stay light.
-  from fastadv_jax import evaluate, methods, models, schedules, train_state  # pylint: disable=g-import-not-at-top
+  from fastadv_jax import methods, models, schedules, train_state  # pylint: disable=g-import-not-at-top
 
   _choice("dataset", config.dataset, DATASETS)
   check_fields(config)

@@ -30,7 +30,6 @@ Conventions every attack in this package follows:
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax

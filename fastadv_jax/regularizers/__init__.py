@@ -53,7 +53,6 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fastadv_jax import _checks
 from fastadv_jax import closures
