@@ -70,7 +70,6 @@ def checkpoint_info(workdir: str, which: str) -> dict:
   directory = os.path.join(workdir, "best" if which == "best" else "checkpoints")
   ckpt = checkpoints.Checkpointer(directory, max_to_keep=None)
   found = ckpt.restore_meta()
-  ckpt.close()
   if found is None:
     return {}
   step, meta = found

@@ -304,6 +304,3 @@ class Checkpointer:
             f"Checkpoint metadata in {self._path(s)} could not be read "
             f"({type(e).__name__}); trying an older one.", CheckpointCorruptWarning)
     return None
-
-  def close(self) -> None:
-    """Nothing to release (kept for callers that close their checkpointers)."""

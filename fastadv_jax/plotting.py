@@ -39,7 +39,6 @@ figure for inspection, the `plot_*` functions write a PNG and return its path.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any, Iterable, Mapping, Sequence
@@ -69,11 +68,8 @@ def read_metrics(workdir: str) -> list[dict]:
 
 def read_config(workdir: str) -> dict | None:
   """The run's `config.json` as a dict, or None when absent or unreadable."""
-  try:
-    with open(os.path.join(workdir, "config.json")) as f:
-      config = json.load(f)
-  except (OSError, ValueError):
-    return None
+  from fastadv_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  config = workdir_lib.read_json(os.path.join(workdir, "config.json"))
   return config if isinstance(config, dict) else None
 
 

@@ -49,7 +49,6 @@ def restore_for_eval(workdir: str, which: str = "best"):
   # No template: orbax returns the saved arrays as nested dicts, whatever the
   # optimizer state or the AT-for-Free buffer looked like.
   full = ckpt.restore(None)
-  ckpt.close()
   if full is None:
     raise FileNotFoundError(f"No {which!r} checkpoint in {directory}.")
   step, restored = full[0], full[1]

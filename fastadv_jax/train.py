@@ -629,13 +629,9 @@ class _Run:
     path = os.path.join(self.workdir, SUMMARY_NAME)
     if step < stop_at and not self.extra["stopped_early"]:
       return None
-    if not os.path.exists(path):
+    summary = workdir_lib.read_json(path)
+    if not isinstance(summary, dict):
       return None
-    with open(path) as f:
-      try:
-        summary = json.load(f)
-      except json.JSONDecodeError:
-        return None
     finished = step >= self.num_steps or self.extra["stopped_early"]
     if summary.get("step") != step or (
         finished and self.config.final_eval.enabled and "final_eval" not in summary):
@@ -772,8 +768,8 @@ def final_evaluation(config, workdir, last_ckpt, best_ckpt, test_data, progress=
     path = os.path.join(workdir, "eval", f"final_{which}_pgd{config.final_eval.steps}-"
                         f"{config.final_eval.restarts}.json")
     fingerprint = checkpoints.fingerprint(variables)
-    previous = _read_record(path)
-    if (previous is not None and previous.get("checkpoint_fingerprint") == fingerprint
+    previous = workdir_lib.read_json(path)
+    if (isinstance(previous, dict) and previous.get("checkpoint_fingerprint") == fingerprint
         and previous.get("final_eval_settings") == settings):
       results[which] = previous
       continue
@@ -792,12 +788,3 @@ def final_evaluation(config, workdir, last_ckpt, best_ckpt, test_data, progress=
       evaluate.save_record(record, path)
     results[which] = record
   return results
-
-
-def _read_record(path: str) -> dict | None:
-  """The JSON record at `path`, or None when absent or unreadable."""
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError):
-    return None

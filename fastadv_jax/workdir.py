@@ -114,6 +114,15 @@ def jsonable(value):
   return value
 
 
+def read_json(path: str) -> Any | None:
+  """The JSON value in `path`, or None when the file is absent or not JSON."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
 def write_json(path: str, obj: Any, indent: int | None = 2) -> None:
   """Writes `obj` as JSON to `path` atomically, mode 0644."""
   tmp = f"{path}.tmp{os.getpid()}"
