@@ -28,7 +28,7 @@ internet expect numbers close to, not equal to, these):
                   schedule; 12 passes over the data)   (GradAlign Fig. 1 baseline)
   fgsm_elle       FGSM + ELLE λ=1000 (ε ≤ 8; 5000 for ε 10-20; Abad Rocamora et al. 2024)
   advlc           FGSM-N + AdvLC λ=0.55, 200 ep.       81.06 / 47.07 (best, AutoAttack); 82.70 / 42.71 (end)
-  advlc_swa       FGSM-N + AdvLC λ=0.5 + SWA from epoch 100 (AdvLC paper's SWA rows)
+  advlc_swa       FGSM-N + AdvLC λ=0.5 + SWA from epoch 50 (AdvLC paper's SWA rows)
   pgd10_advlc     PGD-10 (α=ε/4) + AdvLC λ=0.4         (AdvLC Table 1)
   fgsm_rs_advlc   any attack combines with any regularizers: FGSM-RS + AdvLC
   cnn_fgsm        the single-layer CNN of GradAlign §4, FGSM ε=10/255, Adam.
@@ -56,6 +56,10 @@ benchmarks/parity_train_step.py) are the defaults here:
   * AT for Free: order="step_first" (the GradAlign code: the delta step, then
     the weights at x + delta_new, train.py l.149-207); Shafahi's single pass is
     order="single_pass".
+  * AdvLC's SWA (`advlc_swa`): from epoch 50, once per epoch after its first
+    step, BatchNorm re-estimated on a pass of the augmented training set after
+    each average (src/utils/train.py l.233-240, src/utils/swa.py; README
+    `--swa 50 n 500`).
   * AdvLC: the "clean" logits at the FGSM-N start clip(x + eta) (clean_point=
     "start", the AdvLC code, src/utils/train.py l.189-191), not Eq. 14's f(x).
 
@@ -69,14 +73,16 @@ Deviations that remain, and why:
     l.182-184) also updates the running statistics; not replayed (it feeds a
     log only). PGD + GradAlign takes g1 from PGD's first step here, from that
     pass (without the clamp) there.
-  * The GradAlign code selects its best checkpoint on training points
-    (train.py l.231, l.244); `fgsm_early_stop` does so here, the other
-    variants keep the last state and report `best` on the test evaluation.
+  * Model selection (best/) never uses test points. The GradAlign-code
+    variants select as that code does, by PGD-10 on the first 256 training
+    points every 200 steps (train.py l.85, l.231-246; evals.train_pgd). The
+    ZeroGrad and AdvLC code select on the test set; their variants here hold
+    out the last 1,000 training examples instead (data.validation_size,
+    evals.validation; recorded in summary.json), so they train on 49,000
+    examples, and select with one PGD random start (the AdvLC code: none).
   * CURE and IGR: GradAlign Table 8's squared norm and ε·sign step (the CURE
     code takes a norm and an l2-normalized step of length h); the gradient
     convention is the CURE code's (see the cure/igr entry above).
-  * AdvLC's SWA schedule (epoch 50, once per epoch, BatchNorm re-estimated on
-    the augmented loader after each average) is not the `advlc_swa` one.
   * Wong's AT for Free feeds the unclipped X + delta_prev to a new minibatch;
     the single pass here clips it to the box.
 
@@ -109,7 +115,29 @@ def _gradalign_paper(config):
   config.schedule.kwargs = ml_collections.ConfigDict(dict(peak_fraction=0.4, step_offset=1))
   config.augment.update(padding=4, pad_mode="zero", flip=True)
   config.bn_updates = "every_forward"
+  # Model selection (best/) as in the GradAlign code (train.py l.85, l.231-246):
+  # PGD-10 (α = ε/4, one random start) on the first 256 training points,
+  # unaugmented, every 200 steps; never on test points.
+  config.evals.train_pgd = config_base.default_eval(
+      split="train", n=256, every_steps=200, every_epochs=0,
+      metrics=["clean_acc", "pgd_acc"])
+  config.best.eval = "train_pgd"
   return config
+
+
+def _select_on_validation(config, n: int = 1000):
+  """Model selection on `n` training examples held out of training.
+
+  The ZeroGrad and AdvLC code select their best checkpoint on the test set
+  (AdvLC: src/utils/train.py l.102-131, PGD-10 without random start); that
+  makes "best" optimistic, so here the last `n` training examples are held
+  out (data.validation_size; recorded in summary.json) and PGD-10 with one
+  random start on them picks best/.
+  """
+  config.data.validation_size = n
+  config.evals.validation = config_base.default_eval(
+      split="validation", n=n, metrics=["clean_acc", "pgd_acc"])
+  config.best.eval = "validation"
 
 
 def _gradalign_clamp(attack):
@@ -129,6 +157,8 @@ def _zerograd_paper(config):
   config.augment.update(padding=4, pad_mode="reflect", flip=True)
   config.final_eval.update(n=10000)
   config.bn_updates = "every_forward"
+  del config.evals.train_pgd
+  _select_on_validation(config)
   return config
 
 
@@ -143,6 +173,8 @@ def _advlc_paper(config):
   config.schedule.kwargs = ml_collections.ConfigDict(dict(boundary_epochs=[100, 150],
                                                           factor=0.1))
   config.bn_updates = "every_forward"
+  del config.evals.train_pgd
+  _select_on_validation(config)
   return config
 
 
@@ -178,12 +210,7 @@ def get_config(variant: str = "gradalign") -> ml_collections.ConfigDict:
     config.regularizers.input_grad_norm = _regularizer(weight=1000.0)
   elif variant == "fgsm_early_stop":
     attack.name = "fgsm"
-    attack.step = 7.0
-    # Best state by PGD-10 on the first 256 training points every 200 steps.
-    config.evals.train_pgd = config_base.default_eval(
-        split="train", n=256, every_steps=200, every_epochs=0,
-        metrics=["clean_acc", "pgd_acc"])
-    config.best.eval = "train_pgd"
+    attack.step = 7.0  # best/ is the early-stopped state (model selection above)
   elif variant == "zerograd":
     _zerograd_paper(config)
     attack.name = "zerograd"
@@ -208,11 +235,13 @@ def get_config(variant: str = "gradalign") -> ml_collections.ConfigDict:
       attack.name = "fgsm_n"
       config.regularizers.advlc = _regularizer(weight=0.55, clean_point="start")
     elif variant == "advlc_swa":
-      # λ = 0.5 with SWA (AdvLC paper). The SWA start epoch is not in
-      # REFERENCE.md; 100 (the first learning-rate drop) is our choice.
+      # λ = 0.5 with SWA (AdvLC paper); the AdvLC code's `--swa 50 n 500`:
+      # from epoch 50, once per epoch (500 steps of batch 100), BatchNorm
+      # re-estimated on a pass of the augmented training set after each average.
       attack.name = "fgsm_n"
       config.regularizers.advlc = _regularizer(weight=0.5, clean_point="start")
-      config.swa.update(enabled=True, start_epoch=100)
+      config.swa.update(enabled=True, start_epoch=50, every_steps=0,
+                        bn_update="each_average", bn_batches=0)
     elif variant == "pgd10_advlc":
       attack.name = "pgd"
       attack.step_eps_ratio = 0.25

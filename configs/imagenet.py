@@ -47,6 +47,11 @@ def get_config(variant: str = "fgsm_rs") -> ml_collections.ConfigDict:
       start_epochs=[0, 6, 12], crop_sizes=[128, 224, 288], resize_sizes=[160, 352, 352],
       batch_sizes=[512, 224, 128], eval_size=288))
   config.evals.test.update(n=1000, batch_size=100, pgd_steps=10)
+  # best/ by PGD-10 on the first 256 images of the first training batch (128 px
+  # crops), never on the validation set that is reported.
+  config.evals.train_pgd = config_base.default_eval(
+      split="train", n=256, batch_size=128, metrics=["clean_acc", "pgd_acc"])
+  config.best.eval = "train_pgd"
   config.final_eval.update(n=1000, steps=50, restarts=10, batch_size=100)
   config.augment.update(padding=0, flip=True)
   if variant == "gradalign":

@@ -291,6 +291,7 @@ def _cell_summary(cell_dir: str) -> dict[str, Any]:
       "pgd10_curve": [(r["epoch"], r["test/pgd_acc"]) for r in evals],
       "max_grad_alignment": max((r["test/grad_alignment"] for r in evals), default=None),
       "last_grad_alignment": evals[-1]["test/grad_alignment"] if evals else None,
+      "model_selection": summary.get("data", {}).get("model_selection"),
   }
   for which in ("last", "best"):
     rec = final.get(which)
@@ -325,6 +326,7 @@ def report(args) -> None:
           **{f"{k}": _median_range([r[k] for r in runs]) for k in (
               "last_pgd50_10", "best_pgd50_10", "last_clean", "best_clean",
               "max_grad_alignment", "last_grad_alignment")},
+          "best_selected_on": sorted({str(r["model_selection"]) for r in runs}),
       })
   table = {"grid": args.grid, "full": args.full, "rows": rows, "cells": per_cell,
            "criterion": "first event of fastadv_jax.monitor.CatastrophicOverfittingMonitor "
@@ -353,6 +355,9 @@ def report(args) -> None:
         f"{fmt(r['last_pgd50_10'], 100)} | {fmt(r['best_pgd50_10'], 100)} | "
         f"{fmt(r['last_clean'], 100)} | {fmt(r['max_grad_alignment'], digits=2)} → "
         f"{fmt(r['last_grad_alignment'], digits=2)} |")
+  lines += ["", "best: the state selected by (evaluation (split) / metric):"]
+  lines += [f"- {r['method']} (ε {r['eps']:g}): {'; '.join(r['best_selected_on'])}"
+            for r in rows]
   with open(os.path.join(root, "table.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))

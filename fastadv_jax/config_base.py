@@ -22,6 +22,7 @@ from ml_collections import config_dict
 DATASETS = {"cifar10": 10, "cifar100": 100, "svhn_cropped": 10, "imagenet2012": 1000}
 OPTIMIZERS = ("sgd", "adam")
 DTYPES = ("float32", "bfloat16")
+SWA_BN_UPDATES = ("each_average", "at_end")
 # The metrics the catastrophic-overfitting monitor reads from its evaluation.
 CO_MONITOR_METRICS = ("clean_acc", "fgsm_acc", "fgsm_point_acc", "pgd_acc", "grad_alignment")
 
@@ -74,10 +75,15 @@ def base_config() -> ml_collections.ConfigDict:
   # "every_forward" (once per train-mode forward, as the PyTorch references;
   # see fastadv_jax/train_step.py). Paper configs use the reference's.
   c.bn_updates = "once"
-  # Stochastic weight averaging (AdvLC): average the weights at the end of every
-  # epoch from `start_epoch` on; BatchNorm statistics are recomputed on
-  # `bn_batches` training batches at the end; evaluated as the "swa" state.
-  c.swa = ml_collections.ConfigDict(dict(enabled=False, start_epoch=0, bn_batches=100))
+  # Stochastic weight averaging (AdvLC's "+SWA" rows; evaluated as the "swa"
+  # state): the equal-weight average of the weights after step i of every epoch
+  # from `start_epoch` (0-based) on, where i % every_steps == 0 (0: once per
+  # epoch, after its first step: the AdvLC code's `--swa 50 n 500` at 500 steps
+  # per epoch). BatchNorm statistics of the average are re-estimated on
+  # `bn_batches` augmented training batches (0: the whole epoch) after each
+  # average ("each_average", the AdvLC code) or once at the end ("at_end").
+  c.swa = ml_collections.ConfigDict(dict(enabled=False, start_epoch=0, every_steps=0,
+                                         bn_update="at_end", bn_batches=100))
   c.seed = 0
   c.log_every_steps = 50
   c.checkpoint_every_steps = 0  # 0: once per epoch
@@ -156,7 +162,8 @@ FIELD_RULES = (
     ("augment.rotation", float, 0.0, 180.0),
     ("warmup.epochs", float, 0.0, None),
     ("swa.start_epoch", int, 0, None),
-    ("swa.bn_batches", int, 1, None),
+    ("swa.every_steps", int, 0, None),
+    ("swa.bn_batches", int, 0, None),
     ("best.drop", float, 0.0, 1.0),
     ("final_eval.n", int, 1, None),
     ("final_eval.steps", int, 1, None),
@@ -270,6 +277,7 @@ def validate_config(config, num_devices: int = 1):
                        "ImageNet's progressive resizing.")
   _choice("augment.pad_mode", config.augment.pad_mode, ("zero", "reflect"))
   _choice("final_eval.rule", config.final_eval.rule, ("strict", "max_loss"))
+  _choice("swa.bn_update", config.swa.bn_update, SWA_BN_UPDATES)
   if config.data.source == "local" or config.dataset == "imagenet2012":
     check_sizes(config, None, None)  # the loop checks against the data it loads
   else:

@@ -950,7 +950,7 @@ def select_indices(num_examples: int, n: int, selection: str = "random",
   _checks.check_choice("selection", selection, SELECTIONS)
   if not isinstance(n, (int, np.integer)) or not 1 <= n <= num_examples:
     raise ValueError(f"n={n!r} must be an integer in [1, {num_examples}] "
-                     f"(the test set has {num_examples} examples).")
+                     f"(there are {num_examples} examples to choose from).")
   if selection == "first":
     return np.arange(n)
   return np.sort(np.random.default_rng(seed).permutation(num_examples)[:n])

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import os
 import time
@@ -234,6 +235,18 @@ def make_augment(config):
   return augment
 
 
+def _swa_batch_statistics(model, augment, seed: int, state: state_lib.TrainState, batch):
+  """One device's part of a batch's BatchNorm statistics for SWA's averaged weights,
+  averaged over devices; augmented with a key of its own (the state's step)."""
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), _SWA_KEY), state.step)
+  x = augment(batch["image"], batch["index"], key)
+  stats = state_lib.batch_statistics(model, state.swa["params"], state.swa["batch_stats"], x)
+  return jax.lax.pmean(stats, state_lib.AXIS)
+
+
+_SWA_KEY = 0x5357  # folds the augmentation key of SWA's BatchNorm pass apart from training's
+
+
 class _Run:
   """One training run in a workdir: its state, data, evaluations and records.
 
@@ -287,6 +300,9 @@ class _Run:
     self.p_train_step = self.device_map(train_step)
     self.p_sync = self.device_map(state_lib.sync_batch_stats)
     self.p_swa = self.device_map(state_lib.swa_update)
+    self.p_swa_batch_stats = self.device_map(
+        functools.partial(_swa_batch_statistics, self.eval_model, make_augment(config),
+                          config.seed), donate_first=False)
 
   # -- epochs and periods ---------------------------------------------------
 
@@ -306,6 +322,44 @@ class _Run:
       return step % every_steps == 0
     return bool(every_epochs) and step in self.epoch_starts and (
         self.epoch_of(step) % every_epochs == 0)
+
+  # -- stochastic weight averaging -------------------------------------------
+
+  def swa_due(self, step: int) -> bool:
+    """Whether the weights after `step` steps join the average (config.swa).
+
+    The AdvLC code (src/utils/train.py l.233) averages after iteration i of
+    every epoch from `swa_start` on where i % swa_freq == 0.
+    """
+    swa = self.config.swa
+    if not swa.enabled or step == 0:
+      return False
+    epoch = self.epoch_of(step - 1)
+    in_epoch = step - 1 - int(self.epoch_starts[epoch])
+    return epoch >= swa.start_epoch and (in_epoch % swa.every_steps == 0 if swa.every_steps
+                                         else in_epoch == 0)
+
+  def swa_batch_stats(self, step: int, r_state):
+    """The averaged weights' BatchNorm statistics, re-estimated on the training data.
+
+    The mean of their batch statistics over the augmented batches of the
+    current epoch (`swa.bn_batches` of them, 0: all): the AdvLC code's
+    `bn_update` (src/utils/swa.py), one pass of its augmented loader.
+    """
+    if not jax.tree_util.tree_leaves(r_state.swa["batch_stats"]):
+      return r_state
+    epoch = min(self.epoch_of(max(step - 1, 0)), self.config.num_epochs - 1)
+    count = self.train_data.steps_in_epoch(epoch)
+    if self.config.swa.bn_batches:
+      count = min(count, self.config.swa.bn_batches)
+    batches = self.device_batches(int(self.epoch_starts[epoch]) * self.replays)
+    total = None
+    for batch in itertools.islice(batches, count):
+      stats = state_lib.unreplicate(self.p_swa_batch_stats(r_state, batch))
+      total = stats if total is None else jax.tree_util.tree_map(np.add, total, stats)
+    mean = jax.tree_util.tree_map(lambda t: t / count, total)
+    return r_state.replace(swa=dict(
+        r_state.swa, batch_stats=state_lib.replicate(mean, self.device_map.placement)))
 
   # -- restore --------------------------------------------------------------
 
@@ -493,9 +547,10 @@ class _Run:
       params = state_lib.unreplicate(r_state.params)
       writer.write(step, {**plotting.filter_norm_record(params),
                           "epoch": self.fractional_epoch(step)})
-    if config.swa.enabled and step in self.epoch_starts and (
-        self.epoch_of(step) > config.swa.start_epoch):
+    if self.swa_due(step):
       r_state = self.p_swa(r_state)
+      if config.swa.bn_update == "each_average":
+        r_state = self.swa_batch_stats(step, r_state)
     if step == self.extra.get("stop_at_step") and step < self.num_steps:
       self.extra["stopped_early"] = True
       print(f"Stopping at step {step}, {config.co_monitor.stop_after_epochs} epoch(s) after "
@@ -564,9 +619,8 @@ class _Run:
   def finish(self, step: int, r_state, train_seconds: float) -> dict[str, Any]:
     config = self.config
     finished = step >= self.num_steps or self.extra["stopped_early"]
-    if finished and config.swa.enabled:
-      r_state = _finalize_swa(config, self.eval_model, self.train_data, r_state,
-                              self.device_map.placement)
+    if finished and config.swa.enabled and config.swa.bn_update == "at_end":
+      r_state = self.swa_batch_stats(step, r_state)
       self.save(step, self.host_state(step, r_state), self.last_ckpt)
     elif step not in self.last_ckpt.all_steps():
       self.save(step, self.host_state(step, r_state), self.last_ckpt)
@@ -615,14 +669,16 @@ class _Run:
     return split
 
   def data_description(self) -> dict[str, Any]:
-    """Which examples trained and which were held out (for the run's metadata)."""
+    """Which examples trained, which were held out, what chose best/ (run metadata)."""
+    best = self.config.best
+    selection = f"{best.eval} ({self.evals[best.eval]['split']} split) / {best.metric}"
     if not isinstance(self.train_data, ArrayTrainData):
-      return {"train": "streamed (data.imagenet)"}
+      return {"train": "streamed (data.imagenet)", "model_selection": selection}
     held_out = len(self.train_data.validation[0])
     return {"train_examples": len(self.train_data.images),
             "validation": (f"the last {held_out} examples of the training split, never "
                            f"trained on" if held_out else None),
-            "model_selection": f"{self.config.best.eval} ({self.evals[self.config.best.eval]['split']} split) / {self.config.best.metric}"}
+            "model_selection": selection}
 
   def completed_summary(self, step: int, stop_at: int) -> dict[str, Any] | None:
     """The summary of a run that already ended at `step`, else None."""
@@ -718,23 +774,6 @@ def _train(run: _Run, max_steps: int | None) -> dict[str, Any]:
   summary = run.finish(step, r_state, time.time() - t0)
   writer.close()
   return summary
-
-
-def _finalize_swa(config, model, train_data, r_state, devices) -> state_lib.TrainState:
-  """Recomputes the averaged model's BatchNorm statistics on training batches."""
-  host = state_lib.to_host(r_state)
-  if not jax.tree_util.tree_leaves(host.swa["batch_stats"]):
-    return r_state
-
-  def batches():
-    for i, (images, _) in enumerate(train_data.batches(0, 0)):
-      if i >= config.swa.bn_batches:
-        break
-      yield data_lib.to_float(images)
-
-  stats = state_lib.recompute_batch_stats(model, host.swa["params"],
-                                          host.swa["batch_stats"], batches())
-  return state_lib.to_devices(host.replace(swa=dict(host.swa, batch_stats=stats)), devices)
 
 
 def _rollback(config, best_ckpt, template_state, devices):

@@ -196,6 +196,13 @@ def local_rows(a) -> np.ndarray:
   return np.asarray(jax.device_get(a))
 
 
+def replicate(tree, devices):
+  """One copy of every leaf per device, placed as a mapped step returns it."""
+  n = _num_local(devices)
+  return _shard_leading_axis(jax.tree_util.tree_map(
+      lambda a: np.broadcast_to(np.asarray(a), (n,) + np.shape(a)), tree), devices)
+
+
 def to_devices(state: TrainState, devices) -> TrainState:
   """Replicates the state; a carried perturbation is split across devices.
 
@@ -292,28 +299,20 @@ def swa_update(state: TrainState) -> TrainState:
   return state.replace(swa=dict(state.swa, params=params, count=count + 1))
 
 
-def recompute_batch_stats(model, params, batch_stats, batches) -> Any:
-  """BatchNorm running statistics of `params`, averaged equally over `batches`.
+BN_MOMENTUM = 0.9  # fastadv_jax.models BatchNorm (PyTorch's 0.1)
 
-  What `torch.optim.swa_utils.update_bn` does for an averaged model: the batch
-  statistics of each batch (recovered from Flax's momentum update) are averaged
-  with equal weights. `batches` yields float images in [0, 1].
+
+def batch_statistics(model, params, batch_stats, x) -> Any:
+  """The BatchNorm statistics of one batch `x` (float images in [0, 1]) under `params`.
+
+  Recovered from Flax's momentum update of zero running statistics; the mean
+  of these over batches is what `torch.optim.swa_utils.update_bn` (and the
+  AdvLC code's `bn_update`, src/utils/swa.py) sets for an averaged model.
   """
-  momentum = 0.9  # fastadv_jax.models BatchNorm: PyTorch's 0.1
   zeros = jax.tree_util.tree_map(jnp.zeros_like, batch_stats)
-
-  @jax.jit
-  def batch_statistics(x):
-    _, mutated = model.apply({"params": params, "batch_stats": zeros}, x, train=True,
-                             mutable=["batch_stats"])
-    return jax.tree_util.tree_map(lambda new: new / (1 - momentum), mutated["batch_stats"])
-
-  total, n = None, 0
-  for x in batches:
-    stats = batch_statistics(x)
-    total = stats if total is None else jax.tree_util.tree_map(jnp.add, total, stats)
-    n += 1
-  return jax.tree_util.tree_map(lambda t: t / n, total)
+  _, mutated = model.apply({"params": params, "batch_stats": zeros}, x, train=True,
+                           mutable=["batch_stats"])
+  return jax.tree_util.tree_map(lambda new: new / (1 - BN_MOMENTUM), mutated["batch_stats"])
 
 
 def sync_batch_stats(state: TrainState) -> TrainState:

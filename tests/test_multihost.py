@@ -62,6 +62,7 @@ def train_flags(files, workdir, variant="cnn_fgsm", extra=()):
           f"--config.num_epochs={EPOCHS}", "--config.checkpoint_every_steps=2",
           "--config.evals.test.n=16", "--config.evals.test.pgd_steps=2",
           "--config.evals.test.batch_size=16", "--config.final_eval.enabled=False",
+          "--config.evals.train_pgd.n=16", "--config.best.eval=test",
           "--config.log_every_steps=1", *extra]
 
 

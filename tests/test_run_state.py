@@ -49,6 +49,7 @@ def flags(npz_path, workdir, extra=()):
           f"--config.num_epochs={EPOCHS}", "--config.checkpoint_every_steps=1",
           "--config.evals.test.n=16", "--config.evals.test.pgd_steps=2",
           "--config.evals.test.batch_size=16", "--config.log_every_steps=2",
+          "--config.evals.train_pgd.n=16", "--config.best.eval=test",
           "--config.keep_checkpoints=1", "--config.swa.enabled=True",
           "--config.final_eval.n=16", "--config.final_eval.steps=2",
           "--config.final_eval.restarts=1", "--config.final_eval.batch_size=16", *extra]
@@ -289,6 +290,8 @@ def _tiny_config(npz_path, **changes):
   config.num_epochs = 2
   config.checkpoint_every_steps = 1
   config.evals.test.update(n=16, batch_size=16, pgd_steps=1)
+  config.evals.train_pgd.update(n=16, batch_size=16, pgd_steps=1)
+  config.best.eval = "test"
   config.final_eval.enabled = False
   for dotted, value in changes.items():
     node = config

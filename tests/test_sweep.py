@@ -21,6 +21,8 @@ def test_sweep_runs_collects_reports_and_resumes(tmp_path):
   settings = {"data.source": "local", "data.local_path": str(tmp_path / "tiny.npz"),
               "model.kwargs.filters": 2, "batch_size": 8, "num_epochs": 2,
               "evals.test.n": 16, "evals.test.batch_size": 16, "evals.test.pgd_steps": 2,
+              "evals.train_pgd.n": 16, "evals.train_pgd.batch_size": 16,
+              "evals.train_pgd.pgd_steps": 2, "evals.train_pgd.every_steps": 2,
               "final_eval.n": 16, "final_eval.steps": 2, "final_eval.restarts": 1,
               "final_eval.batch_size": 16}
   cmd = [sys.executable, SWEEP, "run", "cnn_seeds", "--methods=fgsm,gradalign", "--seeds=0,1",
@@ -46,6 +48,9 @@ def test_sweep_runs_collects_reports_and_resumes(tmp_path):
   assert [(r["method"], r["seeds_done"], r["seeds_planned"]) for r in table["rows"]] == [
       ("fgsm", 2, 5), ("gradalign", 2, 5)]
   assert all(r["last_pgd50_10"]["n"] == 2 for r in table["rows"])
+  # best/ is chosen on training points (the GradAlign code), never on test points.
+  assert all(r["best_selected_on"] == ["train_pgd (train split) / pgd_acc"]
+             and r["best_pgd50_10"]["n"] == 2 for r in table["rows"])
   assert (root / "table.md").exists() and (root / "curves.png").exists()
   # Finished cells are never rerun.
   res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)

@@ -225,7 +225,8 @@ def cli_args(npz, workdir, epochs=8, extra=()):
           "--config.model.kwargs.filters=2", f"--config.batch_size={BATCH}",
           f"--config.num_epochs={epochs}", "--config.checkpoint_every_steps=1",
           "--config.evals.test.n=16", "--config.evals.test.pgd_steps=2",
-          "--config.evals.test.batch_size=16",
+          "--config.evals.test.batch_size=16", "--config.evals.train_pgd.n=16",
+          "--config.best.eval=test",
           "--config.final_eval.enabled=False", "--config.log_every_steps=4",
           "--config.keep_checkpoints=2", *extra]
 
@@ -346,7 +347,9 @@ def test_swa_average_and_batch_statistics():
 
   rng = np.random.default_rng(0)
   batches = [rng.uniform(size=(4,) + SHAPE).astype(np.float32) for _ in range(3)]
-  stats = train_state.recompute_batch_stats(model, state.params, state.batch_stats, batches)
+  stats = jax.tree_util.tree_map(lambda *b: sum(b) / 3, *[
+      train_state.batch_statistics(model, state.params, state.batch_stats, x)
+      for x in batches])
   # The stem's first BatchNorm sees the first conv's output: check it directly.
   first_bn = sorted(stats)[0]
   per_batch = []
@@ -360,6 +363,49 @@ def test_swa_average_and_batch_statistics():
   for a, b in zip(jax.tree_util.tree_leaves(stats[first_bn]),
                   jax.tree_util.tree_leaves(mean_of_batches)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_swa_schedule_and_batchnorm_reestimation_in_the_loop(npz_dataset, tmp_path):
+  """The AdvLC code's SWA: weights after the first step of every epoch from
+  swa.start_epoch on, BatchNorm statistics re-estimated on a pass of the
+  training set after each average; best/ chosen on held-out training examples."""
+  config = tiny(load_config_module("cifar10").get_config("advlc_swa"), "preact_resnet18")
+  config.data.update(source="local", local_path=npz_dataset, validation_size=16)
+  config.evals.validation.update(n=16, batch_size=16, pgd_steps=1)
+  config.evals.test.update(n=16, batch_size=16, pgd_steps=1)
+  config.augment.update(padding=0, flip=False)  # so the statistics are order-free
+  config.schedule.lr_max = 0.01  # lr 0.1 diverges on this data without augmentation
+  config.num_epochs = 3
+  config.swa.start_epoch = 1
+  config.checkpoint_every_steps = 1
+  config.keep_checkpoints = 100
+  config.final_eval.enabled = False
+  workdir = str(tmp_path / "swa")
+  summary = train.train_and_evaluate(config, workdir, progress=False)
+  steps_per_epoch = (64 - 16) // BATCH
+  assert summary["step"] == 3 * steps_per_epoch
+  assert summary["data"]["train_examples"] == 48
+  assert summary["data"]["model_selection"].startswith("validation (validation split)")
+
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
+  swa = ckpt.restore(None)[1]["swa"]
+  assert int(swa["count"]) == 2
+  # The average of the weights after the first step of epochs 1 and 2.
+  averaged = [ckpt.restore(None, e * steps_per_epoch + 1)[1]["params"] for e in (1, 2)]
+  expected = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, *averaged)
+  chex.assert_trees_all_close(swa["params"], expected, rtol=1e-6, atol=1e-7)
+  # The first BatchNorm sees the stem convolution's output: the means of equal
+  # batches average to its mean over the whole (unaugmented) training set,
+  # whatever the order. (Deeper ones see batch-normalized inputs.)
+  images = np.load(npz_dataset)["x_train"][:48].astype(np.float32) / 255.0
+  model = train_state.create_model(config, dtype="float32")
+  whole = train_state.batch_statistics(model, swa["params"], swa["batch_stats"], images)
+  got = jax.tree_util.tree_map(np.asarray, swa["batch_stats"])
+  np.testing.assert_allclose(got["layer1_0"]["bn1"]["mean"], whole["layer1_0"]["bn1"]["mean"],
+                             rtol=1e-5, atol=1e-6)
+  last = restore.restore_for_eval(workdir, "last").variables
+  assert not np.allclose(jax.tree_util.tree_leaves(last["batch_stats"])[0],
+                         jax.tree_util.tree_leaves(got)[0])
 
 
 def test_imagenet_progressive_resizing_loop(tmp_path, monkeypatch):
@@ -383,13 +429,17 @@ def test_imagenet_progressive_resizing_loop(tmp_path, monkeypatch):
                                 eval_size=16)
   config.schedule.kwargs = {"epoch_knots": [0, 1, 2, 3], "values": [0, 0.01, 0.001, 1e-4]}
   config.evals.test.update(n=16, batch_size=16, pgd_steps=1)
+  config.evals.train_pgd.update(n=16, batch_size=16, pgd_steps=1)
   config.final_eval.enabled = False
   config.log_every_steps = 1
   summary = train.train_and_evaluate(config, str(tmp_path / "in"), progress=False)
   assert summary["step"] == 48 // 16 + 48 // 8 + 48 // 8
   with open(tmp_path / "in" / "metrics.jsonl") as f:
-    epochs = [json.loads(l)["epoch"] for l in f if "test/pgd_acc" in l]
-  assert epochs == [1.0, 2.0, 3.0]
+    records = [json.loads(l) for l in f]
+  assert [r["epoch"] for r in records if "test/pgd_acc" in r] == [1.0, 2.0, 3.0]
+  # best/ is chosen on the first training batch, never on validation (test) images.
+  assert [r["epoch"] for r in records if "train_pgd/pgd_acc" in r] == [1.0, 2.0, 3.0]
+  assert summary["data"]["model_selection"] == "train_pgd (train split) / pgd_acc"
 
 
 def test_co_rollback_restores_best_and_strengthens_setting(npz_dataset, tmp_path, monkeypatch):
@@ -410,7 +460,9 @@ def test_co_rollback_restores_best_and_strengthens_setting(npz_dataset, tmp_path
 
   monkeypatch.setattr(monitor.CatastrophicOverfittingMonitor, "update", fake_update)
   config = tiny(load_config_module("cifar10").get_config("zerograd"))
-  config.data.update(source="local", local_path=npz_dataset)
+  config.data.update(source="local", local_path=npz_dataset, validation_size=0)
+  del config.evals.validation  # 1,000 held-out examples do not fit in 64
+  config.best.eval = "test"
   config.num_epochs = 3
   config.evals.test.update(n=16, batch_size=16, pgd_steps=1)
   config.final_eval.enabled = False
