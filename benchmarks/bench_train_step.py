@@ -71,6 +71,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "torch_reference"))  # torch_models
 sys.path.insert(0, REPO)  # fastadv_jax from a checkout
+from fastadv_jax import config_base  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
@@ -135,6 +136,8 @@ def method_config(name: str, args):
     config.regularizers = ml_collections.ConfigDict()
   for reg, hparam, value in method.reg_hparams:
     config.regularizers[reg][hparam] = value
+  for dotted, value in args.settings:
+    config_base.set_dotted(config, dotted, value)
   return config
 
 
@@ -166,7 +169,7 @@ class JaxCase:
 
   def __init__(self, name: str, args):
     import jax  # pylint: disable=g-import-not-at-top
-    from fastadv_jax import config_base, train, train_state, train_step  # pylint: disable=g-import-not-at-top
+    from fastadv_jax import train, train_state, train_step  # pylint: disable=g-import-not-at-top
 
     config = method_config(name, args)
     method = config_base.validate_config(config)
@@ -557,6 +560,10 @@ def parse_args(argv=None):
   parser.add_argument("--methods", default=",".join(METHODS),
                       help=f"comma-separated subset of: {', '.join(METHODS)}")
   parser.add_argument("--no-torch", action="store_true", help="time JAX only")
+  parser.add_argument("--set", dest="settings", type=config_base.parse_setting,
+                      action="append", default=[],
+                      help="name=value: a config setting for every method's JAX step, "
+                           "e.g. --set bn_updates=once (repeatable)")
   parser.add_argument("--no-torch-memory", action="store_true",
                       help="skip PyTorch's peak-memory measurement (one fresh process per method)")
   parser.add_argument("--torch-threads", type=int, default=os.cpu_count())
@@ -633,6 +640,7 @@ def main(argv=None):
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "machine": info,
         "settings": {"model": args.model, "widths": args.widths, "batch": args.batch,
+                     "config_settings": dict(args.settings),
                      "repeats": args.repeats, "warmup": args.warmup, "dtype": args.dtype,
                      "image_shape": IMAGE_SHAPE, "torch": not args.no_torch,
                      "torch_threads": args.torch_threads, "torch_device": args.torch_device,

@@ -55,6 +55,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fastadv_jax import config_base  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CELL_FILES = ("summary.json", "metrics.jsonl", "config.json")
 
@@ -112,15 +113,6 @@ GRIDS = {
 }
 
 
-def _set(config, dotted: str, value) -> None:
-  *parents, leaf = dotted.split(".")
-  node = config
-  for p in parents:
-    node = node[p]
-  with node.unlocked():
-    node[leaf] = value
-
-
 def build_config(grid_name: str, method_name: str, eps: float, seed: int, full: bool,
                  settings=()):
   """The config of one cell: the grid's base, the method's sections, ε and seed,
@@ -137,27 +129,15 @@ def build_config(grid_name: str, method_name: str, eps: float, seed: int, full: 
     config.variant = f"sweep:{grid_name}:{method_name}"
   if not full:
     for name, value in grid.overrides:
-      _set(config, name, value)
+      config_base.set_dotted(config, name, value)
   else:
     for name, value in grid.full_overrides:
-      _set(config, name, value)
+      config_base.set_dotted(config, name, value)
   if method.runs_to_the_end:
-    _set(config, "co_monitor.stop_after_epochs", 0)
+    config_base.set_dotted(config, "co_monitor.stop_after_epochs", 0)
   for name, value in tuple(method.overrides) + tuple(settings):
-    _set(config, name, value)
+    config_base.set_dotted(config, name, value)
   return config
-
-
-def parse_setting(text: str) -> tuple[str, Any]:
-  """`dotted.name=value` (a Python literal, else a string) for --set."""
-  import ast  # pylint: disable=g-import-not-at-top
-  if "=" not in text:
-    raise argparse.ArgumentTypeError(f"--set {text!r}: expected name=value")
-  name, value = text.split("=", 1)
-  try:
-    return name, ast.literal_eval(value)
-  except (ValueError, SyntaxError):
-    return name, value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -405,7 +385,7 @@ def main(argv=None) -> None:
     p.add_argument("--results", default=_common.RESULTS_DIR,
                    help="where sweep_<grid>/ goes (default: %(default)s)")
     if name == "run":
-      p.add_argument("--set", dest="settings", type=parse_setting, action="append",
+      p.add_argument("--set", dest="settings", type=config_base.parse_setting, action="append",
                      default=[], help="name=value: a config setting for every cell")
       p.add_argument("--jobs", type=int, default=1, help="cells run at the same time")
       p.add_argument("--methods", type=lambda s: s.split(","), default=None)
@@ -420,7 +400,7 @@ def main(argv=None) -> None:
   p.add_argument("seed", type=int)
   p.add_argument("--workdir", required=True)
   p.add_argument("--full", action="store_true")
-  p.add_argument("--set", dest="settings", type=parse_setting, action="append", default=[])
+  p.add_argument("--set", dest="settings", type=config_base.parse_setting, action="append", default=[])
   args = parser.parse_args(argv)
   if args.command == "run":
     if args.jobs < 1:

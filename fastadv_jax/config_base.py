@@ -187,6 +187,29 @@ def _get(config, dotted: str):
   return node
 
 
+def set_dotted(config, dotted: str, value) -> None:
+  """Sets `config.<dotted>` (e.g. "evals.test.n") to `value`, adding a new leaf if needed."""
+  *parents, leaf = dotted.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  with node.unlocked():
+    node[leaf] = value
+
+
+def parse_setting(text: str) -> tuple[str, Any]:
+  """`dotted.name=value` (a Python literal, else a string), as scripts' --set takes it."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  import ast  # pylint: disable=g-import-not-at-top
+  if "=" not in text:
+    raise argparse.ArgumentTypeError(f"--set {text!r}: expected name=value")
+  name, value = text.split("=", 1)
+  try:
+    return name, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return name, value
+
+
 def check_fields(config) -> None:
   """Checks every `FIELD_RULES` entry: type and range, naming the field and value."""
   import math  # pylint: disable=g-import-not-at-top
