@@ -22,6 +22,7 @@ import numpy as np
 
 EXPERIMENTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(EXPERIMENTS_DIR)
+sys.path.insert(0, REPO_DIR)  # this checkout's fastadv_jax, installed or not
 RESULTS_DIR = os.path.join(EXPERIMENTS_DIR, "results")
 SCRATCH_DIR = os.environ.get("FASTADV_EXPERIMENTS_SCRATCH", "/tmp/fastadv_experiments")
 

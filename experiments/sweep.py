@@ -33,6 +33,14 @@ Grids (`GRIDS`):
   GradAlign and ELLE go the full 30 epochs. About 5-7 minutes per FGSM-type
   run on this 2-core CPU, 2-3x that for GradAlign. `--full` is the same grid
   (it is already the paper's scale).
+* `advlc_ro`: AdvLC Table 1 in small, robust overfitting with and without
+  the regularizer: PreActResNet-18 (Wong's) at widths (16, 32, 64, 128),
+  FGSM-N at ε = 8/255 with and without AdvLC (λ = 0.55), 5,000 training
+  images, 40 epochs with the learning rate divided by 10 at epochs 20 and 30
+  (the paper: 200, at 100 and 150), best/ chosen on 500 held-out training
+  images, 2 seeds; per-epoch PGD-10 and, every 2 epochs, IG and the input
+  Hessian's top eigenvalue on 200 test points. `--full`: the `advlc`
+  variant as published (200 epochs, full data), 1 seed.
 * `eps_sweep`: GradAlign Fig. 1/8 in small: PreActResNet-18 at widths
   (16, 32, 64, 128), 10,000 training images, 10 epochs, ε in {8, 16}/255, FGSM,
   FGSM-RS, FGSM + GradAlign, N-FGSM, ZeroGrad, PGD-2, 2 seeds; `--full`: the
@@ -85,6 +93,16 @@ _SMALL_PREACT = (("model.kwargs", {"widths": (16, 32, 64, 128)}),
                  ("data.train_subset", 10000), ("num_epochs", 10),
                  ("dtype", "float32"), ("evals.test.n", 500), ("final_eval.n", 1000))
 
+# AdvLC's loss-landscape metrics (IG, the input Hessian's top eigenvalue) on
+# 200 test points every 2 epochs.
+_LANDSCAPE = (("evals.landscape", {"n": 200, "every_epochs": 2, "batch_size": 100,
+                                   "metrics": ["input_grad_l1", "hessian_top"]}),)
+_SMALL_ADVLC = (("model.kwargs", {"widths": (16, 32, 64, 128)}),
+                ("data.train_subset", 5000), ("data.validation_size", 500),
+                ("evals.validation.n", 500), ("evals.test.n", 500),
+                ("num_epochs", 40), ("schedule.kwargs.boundary_epochs", [20, 30]),
+                *_LANDSCAPE)
+
 GRIDS = {
     "cnn_seeds": Grid(
         base="cnn_fgsm", eps=(10.0,), overrides=_CNN_COMMON,
@@ -110,6 +128,13 @@ GRIDS = {
         },
         full_eps=(4.0, 8.0, 12.0, 16.0), full_seeds=5,
         full_overrides=(("data.train_subset", 0), ("num_epochs", 30))),
+    "advlc_ro": Grid(
+        base="advlc", eps=(8.0,), overrides=_SMALL_ADVLC,
+        methods={
+            "fgsm_n": Method("advlc", 2, (("regularizers", {}),), runs_to_the_end=True),
+            "fgsm_n_advlc": Method("advlc", 2, runs_to_the_end=True),
+        },
+        full_seeds=1, full_overrides=_LANDSCAPE),
 }
 
 
@@ -272,6 +297,10 @@ def _cell_summary(cell_dir: str) -> dict[str, Any]:
       "max_grad_alignment": max((r["test/grad_alignment"] for r in evals), default=None),
       "last_grad_alignment": evals[-1]["test/grad_alignment"] if evals else None,
       "model_selection": summary.get("data", {}).get("model_selection"),
+      # AdvLC's loss-landscape metrics, where the grid logs them (evals.landscape).
+      "landscape_curve": [(r["epoch"], r["landscape/input_grad_l1"],
+                           r["landscape/hessian_top"])
+                          for r in records if "landscape/input_grad_l1" in r],
   }
   for which in ("last", "best"):
     rec = final.get(which)
@@ -342,6 +371,8 @@ def report(args) -> None:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
   _plot_curves(args.grid, per_cell, all_cells, os.path.join(root, "curves.png"))
+  if any(c["landscape_curve"] for c in per_cell.values()):
+    _plot_landscape(args.grid, per_cell, all_cells, os.path.join(root, "landscape.png"))
 
 
 def _plot_curves(grid_name, per_cell, all_cells, path) -> None:
@@ -370,6 +401,34 @@ def _plot_curves(grid_name, per_cell, all_cells, path) -> None:
     ax.axis("off")
   fig.suptitle(f"Sweep {grid_name}: per-epoch PGD-10 accuracy of every seed\n"
                f"(dotted: the monitor's collapse)", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  print(f"wrote {path}")
+
+
+def _plot_landscape(grid_name, per_cell, all_cells, path) -> None:
+  """AdvLC Fig. 3 in small: PGD-10 accuracy, IG and the input Hessian's top
+  eigenvalue over training, every seed of every method."""
+  plt = _common.pyplot()
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  colors = dict(zip(GRIDS[grid_name].methods, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+  for c in all_cells:
+    cell = per_cell.get(c.name)
+    if not cell or not cell["landscape_curve"]:
+      continue
+    style = dict(color=colors[c.method], ls=("-", "--", ":", "-.")[c.seed % 4], lw=1.2,
+                 label=f"{c.method} ε={c.eps:g} seed {c.seed}")
+    pgd = np.asarray(cell["pgd10_curve"])
+    land = np.asarray(cell["landscape_curve"])
+    axes[0].plot(pgd[:, 0], 100 * pgd[:, 1], **style)
+    axes[1].plot(land[:, 0], land[:, 1], **style)
+    axes[2].plot(land[:, 0], land[:, 2], **style)
+  axes[0].set(xlabel="epoch", ylabel="PGD-10 accuracy % (test, n=500)")
+  axes[1].set(xlabel="epoch", ylabel="IG: mean ‖∇ₓℓ(x)‖₁ (test, n=200)")
+  axes[2].set(xlabel="epoch", ylabel="input Hessian top eigenvalue (n=200)")
+  axes[0].legend(fontsize=7)
+  fig.suptitle(f"Sweep {grid_name}: robustness and loss-landscape metrics over training",
+               fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   print(f"wrote {path}")

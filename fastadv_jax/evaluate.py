@@ -24,6 +24,14 @@ One definition of every quantity, computed per example (`robustness_metrics`;
   are nonzero (`grad_alignment_n` of them).
 * cos_fgsm_pgd: cos(δ_FGSM, δ_PGD) per example (GradAlign Fig. 2), 0 where a
   perturbation is zero, averaged over all examples.
+* input_grad_l1, hessian_top (asked for by name, not in `DEFAULT_METRICS`): the
+  loss-landscape metrics of Li & Spratling (AdvLC, §3), per example at x, CE
+  loss: IG = ‖∇ₓℓ(x)‖₁ and the dominant eigenvalue of the input Hessian ∇ₓ²ℓ(x)
+  (20 power iterations from the example's key, `metrics.hessian_top_eigenvalues`),
+  averaged over all examples. The AdvLC code takes both on a whole batch
+  tensor; with BatchNorm in eval mode the batch's values are the per-example
+  ones divided by the batch size (its IG: their mean; its top eigenvalue:
+  their maximum, over B).
 
 How the batching works, and why:
 
@@ -99,12 +107,16 @@ SELECTIONS = ("random", "first")
 AUTOATTACK_VERSIONS = ("standard",)
 RECORD_SCHEMA = "fastadv_jax.eval_record/1"
 METRICS = ("clean_acc", "fgsm_acc", "fgsm_point_acc", "pgd_acc", "grad_alignment",
-           "cos_fgsm_pgd")
+           "cos_fgsm_pgd", "input_grad_l1", "hessian_top")
+# What an evaluation computes unless its `metrics` say otherwise (the loss-
+# landscape metrics of AdvLC cost more and are asked for by name).
+DEFAULT_METRICS = METRICS[:6]
 # Metrics defined on every point (not only the clean-correct ones). The
 # accuracy at the FGSM point (correct at x + δ_FGSM, whatever the clean
 # prediction) is not a robust accuracy: it is the catastrophic-overfitting
 # signature of GradAlign Fig. 1, where it rises above clean accuracy.
-_ALL_POINT_METRICS = ("fgsm_point_acc", "grad_alignment", "cos_fgsm_pgd")
+_ALL_POINT_METRICS = ("fgsm_point_acc", "grad_alignment", "cos_fgsm_pgd", "input_grad_l1",
+                      "hessian_top")
 
 # Test-set sizes of the datasets the configs know, so that `n` can be checked
 # before any data is read.
@@ -178,6 +190,11 @@ def _example_values(logits_fn, x, y, key, dynamic, *, metrics, pgd_steps, pgd_re
     out["grad_alignment_valid"] = valid[0]
   if "cos_fgsm_pgd" in metrics:
     out["cos_fgsm_pgd"] = metrics_lib.perturbation_cosine(delta_fgsm, delta_pgd)[0]
+  if "input_grad_l1" in metrics:
+    out["input_grad_l1"] = metrics_lib.input_gradient_l1(ce, xb, reduce="none")[0]
+  if "hessian_top" in metrics:
+    key_hessian = jax.random.fold_in(key_eta, 1)
+    out["hessian_top"] = metrics_lib.hessian_top_eigenvalues(ce, xb, key_hessian, k=1)[0]
   return out
 
 
@@ -582,7 +599,7 @@ def _pgd_strict_correct(logits_fn, images, labels, key, *, eps, step, steps, res
 
 
 def robustness_metrics(logits_fn, images, labels, key, *, eps: float,
-                       metrics: Sequence[str] = METRICS, pgd_steps: int = 10,
+                       metrics: Sequence[str] = DEFAULT_METRICS, pgd_steps: int = 10,
                        pgd_restarts: int = 1, pgd_step: float | None = None,
                        rule: str = "strict", batch_size: int = 250,
                        example_ids: Sequence[int] | None = None,
@@ -729,7 +746,7 @@ EVAL_DEFAULTS = {
     "every_steps": 0,         # or every this many steps (0: not by steps)
     "at_end": False,          # also run once after training
     "batch_size": 250,        # examples per compiled call (global, all devices)
-    "metrics": list(METRICS),  # names from METRICS
+    "metrics": list(DEFAULT_METRICS),  # names from METRICS
     "pgd_steps": 10,
     "pgd_restarts": 1,
     "pgd_step_fraction": 0.25,  # PGD step α as a fraction of ε (ε/4)

@@ -374,7 +374,7 @@ def bn_metrics(bn_setup):
 def test_robustness_metrics_definitions(bn_setup, bn_metrics):
   logits_fn, images, labels = bn_setup
   m = bn_metrics
-  assert set(m) == set(evaluate.METRICS) | {"n", "grad_alignment_n"}
+  assert set(m) == set(evaluate.DEFAULT_METRICS) | {"n", "grad_alignment_n"}
   assert m["n"] == NUM and m["grad_alignment_n"] == NUM
   assert m["clean_acc"] == pytest.approx(0.7)
   # robust means correct at x and at x + delta
@@ -394,6 +394,25 @@ def test_robustness_metrics_definitions(bn_setup, bn_metrics):
                                      metrics=["pgd_acc", "clean_acc"], batch_size=4,
                                      num_devices=1, **METRIC_PGD)
   assert only == {"clean_acc": m["clean_acc"], "pgd_acc": m["pgd_acc"], "n": NUM}
+
+
+def test_landscape_metrics_match_their_definitions(bn_setup):
+  """AdvLC's IG and input-Hessian top eigenvalue, per example: the engine's
+  values equal ‖∇ₓℓ(x)‖₁ and the exact Hessian's largest-magnitude eigenvalue."""
+  logits_fn, images, labels = bn_setup
+  m = evaluate.robustness_metrics(logits_fn, images, labels, 0, eps=EPS,
+                                  metrics=["input_grad_l1", "hessian_top"], batch_size=4,
+                                  num_devices=1)
+  assert set(m) == {"input_grad_l1", "hessian_top", "n"}
+  x = images.astype(np.float32) / 255.0
+  l1, top = [], []
+  for xi, yi in zip(x, labels):
+    loss = lambda v, yi=yi: closures.cross_entropy(logits_fn, jnp.asarray([yi]))(v[None])
+    l1.append(float(jnp.sum(jnp.abs(jax.grad(loss)(xi)))))
+    eig = np.linalg.eigvalsh(np.asarray(jax.hessian(loss)(xi)).reshape(xi.size, xi.size))
+    top.append(float(eig[np.argmax(np.abs(eig))]))
+  assert m["input_grad_l1"] == pytest.approx(np.mean(l1), rel=1e-5)
+  assert m["hessian_top"] == pytest.approx(np.mean(top), rel=1e-3)
 
 
 def test_robustness_metrics_independent_of_batch_and_devices(bn_setup, bn_metrics):

@@ -55,3 +55,40 @@ def test_sweep_runs_collects_reports_and_resumes(tmp_path):
   # Finished cells are never rerun.
   res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
   assert res.returncode == 0 and "0 cell(s) to run" in res.stdout
+
+
+def test_advlc_grid_logs_and_plots_the_landscape_metrics(tmp_path):
+  """The robust-overfitting grid (a tiny PreActResNet): IG and the Hessian's top
+  eigenvalue are logged over training and plotted; best/ is chosen on held-out
+  training images."""
+  rng = np.random.default_rng(3)
+  def make(n):
+    return (rng.integers(0, 256, (n, 8, 8, 3)).astype(np.uint8),
+            rng.integers(0, 10, n).astype(np.int32))
+  (x_tr, y_tr), (x_te, y_te) = make(48), make(16)
+  np.savez(tmp_path / "tiny.npz", x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te)
+  settings = {"data.source": "local", "data.local_path": str(tmp_path / "tiny.npz"),
+              "model.kwargs": {"widths": (4, 4, 4, 4), "stage_sizes": (1, 1, 1, 1)},
+              "batch_size": 8, "num_epochs": 2, "schedule.kwargs.boundary_epochs": [1, 2],
+              "data.train_subset": 32, "data.validation_size": 16,
+              "evals.validation.n": 16, "evals.validation.pgd_steps": 1,
+              "evals.test.n": 16, "evals.test.batch_size": 16, "evals.test.pgd_steps": 1,
+              "evals.landscape.n": 4, "evals.landscape.batch_size": 4,
+              "evals.landscape.every_epochs": 1,
+              "final_eval.n": 8, "final_eval.steps": 1, "final_eval.restarts": 1,
+              "final_eval.batch_size": 8}
+  cmd = [sys.executable, SWEEP, "run", "advlc_ro", "--methods=fgsm_n_advlc", "--seeds=0",
+         f"--scratch={tmp_path / 'scratch'}", f"--results={tmp_path / 'results'}"]
+  cmd += [f"--set={k}={v!r}" for k, v in settings.items()]
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+  assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+  root = tmp_path / "results" / "sweep_advlc_ro"
+  with open(root / "table.json") as f:
+    table = json.load(f)
+  cell = table["cells"]["fgsm_n_advlc_eps8_seed0"]
+  assert [epoch for epoch, _, _ in cell["landscape_curve"]] == [1.0, 2.0]
+  assert all(ig > 0 and np.isfinite(top) for _, ig, top in cell["landscape_curve"])
+  assert table["rows"][0]["best_selected_on"] == ["validation (validation split) / pgd_acc"]
+  assert (root / "landscape.png").exists()
