@@ -93,7 +93,9 @@ def make_config(method: str, eps: float, seed: int, args, data_path: str):
     config.schedule.kwargs = ml_collections.ConfigDict(dict(peak_fraction=0.4))
     config.augment.update(padding=4, pad_mode="zero", flip=True, rotation=0.0)
     config.batch_size = 128
-    # best/ = the state of highest per-epoch PGD accuracy; no early stop.
+    # best/ = the state of highest per-epoch test PGD accuracy: here the
+    # pre-collapse state to analyse, not a model selection (its accuracy is
+    # optimistic: chosen on the points it is measured on); no early stop.
     config.best.update(eval="test", metric="pgd_acc", stop_on_drop=False)
   return config
 
