@@ -299,9 +299,6 @@ def swa_update(state: TrainState) -> TrainState:
   return state.replace(swa=dict(state.swa, params=params, count=count + 1))
 
 
-BN_MOMENTUM = 0.9  # fastadv_jax.models BatchNorm (PyTorch's 0.1)
-
-
 def batch_statistics(model, params, batch_stats, x) -> Any:
   """The BatchNorm statistics of one batch `x` (float images in [0, 1]) under `params`.
 
@@ -312,7 +309,8 @@ def batch_statistics(model, params, batch_stats, x) -> Any:
   zeros = jax.tree_util.tree_map(jnp.zeros_like, batch_stats)
   _, mutated = model.apply({"params": params, "batch_stats": zeros}, x, train=True,
                            mutable=["batch_stats"])
-  return jax.tree_util.tree_map(lambda new: new / (1 - BN_MOMENTUM), mutated["batch_stats"])
+  momentum = models.common.BN_MOMENTUM  # the weight of the old running statistics
+  return jax.tree_util.tree_map(lambda new: new / (1 - momentum), mutated["batch_stats"])
 
 
 def sync_batch_stats(state: TrainState) -> TrainState:
