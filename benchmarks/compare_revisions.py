@@ -6,6 +6,8 @@ exported with `git archive` into a temporary directory) and from this checkout
 (its working tree), alternating A B B A ... for `--rounds` rounds so that a
 change in the machine's load spreads over both, and prints per method the
 median ms/step of each side and their ratio (< 1: this checkout faster).
+First, XLA's cost analysis of each side's compiled steps (flops and bytes
+accessed: deterministic, unlike timings on a shared machine).
 
   python benchmarks/compare_revisions.py --base 72f1096 --rounds 2 \\
       --head-set bn_updates=once -- --widths 16,32,64,128 --batch 16 --repeats 5
@@ -58,6 +60,40 @@ def run_bench(root: str, bench_args: list[str], out: str) -> dict:
     return json.load(f)
 
 
+# Run inside a revision's checkout: its benchmark's own JaxCase builds and
+# compiles each method's step; XLA's cost analysis of the compiled step is
+# deterministic, unlike timings on a shared machine.
+_COST_DRIVER = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("bench", "benchmarks/bench_train_step.py")
+bench = importlib.util.module_from_spec(spec)
+sys.modules["bench"] = bench
+spec.loader.exec_module(bench)
+args = bench.parse_args(sys.argv[1:])
+out = {}
+for name in args.methods_list:
+  try:
+    cost = bench.JaxCase(name, args).compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    out[name] = {k: float(cost[k]) for k in ("flops", "bytes accessed", "transcendentals")
+                 if k in cost}
+  except Exception as e:  # pylint: disable=broad-except
+    out[name] = {"error": f"{type(e).__name__}: {e}"}
+print("COST " + json.dumps(out))
+"""
+
+
+def run_cost_analysis(root: str, bench_args: list[str]) -> dict:
+  """XLA's flops and bytes accessed of every method's compiled step in `root`."""
+  env = dict(os.environ, PYTHONPATH=root)
+  cmd = [sys.executable, "-c", _COST_DRIVER, "--no-torch", *bench_args]
+  res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+  lines = [l for l in res.stdout.splitlines() if l.startswith("COST ")]
+  if res.returncode != 0 or not lines:
+    raise SystemExit(f"cost analysis in {root} failed:\n{res.stderr[-3000:]}")
+  return json.loads(lines[-1][5:])
+
+
 def ms_per_step(record: dict) -> dict[str, float]:
   return {name: r["jax"]["ms_per_step"] for name, r in record["results"].items()
           if "ms_per_step" in r.get("jax", {})}
@@ -69,13 +105,16 @@ def main(argv=None) -> None:
   own = argv[:argv.index("--")] if "--" in argv else argv
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--base", required=True, help="git revision to compare against")
-  parser.add_argument("--rounds", type=int, default=2, help="runs per side (alternating)")
+  parser.add_argument("--rounds", type=int, default=2,
+                      help="timed runs per side, alternating (0: the cost analysis only)")
   parser.add_argument("--head-set", action="append", default=[],
                       help="name=value passed as --set to this checkout's benchmark only")
   parser.add_argument("--out", default=os.path.join(HERE, "results", "compare_revisions.json"))
+  parser.add_argument("--rounds-only", action="store_true",
+                      help="skip XLA's cost analysis (flops, bytes) of each side's steps")
   args = parser.parse_args(own)
-  if args.rounds < 1:
-    parser.error(f"--rounds must be >= 1, got {args.rounds}")
+  if args.rounds < 0 or (args.rounds == 0 and args.rounds_only):
+    parser.error(f"--rounds={args.rounds}: give >= 1 (0: the cost analysis only)")
   head_args = bench_args + [f"--set={s}" for s in args.head_set]
   times: dict[str, dict[str, list[float]]] = {"base": {}, "head": {}}
   records = []
@@ -85,6 +124,22 @@ def main(argv=None) -> None:
     base_commit = export_revision(args.base, base_root)
     print(f"base {args.base} ({base_commit[:12]}) vs this checkout ({REPO}), "
           f"{args.rounds} round(s) each", flush=True)
+    costs = {}
+    if not args.rounds_only:
+      costs = {"base": run_cost_analysis(base_root, bench_args),
+               "head": run_cost_analysis(REPO, head_args)}
+      print(f"\nXLA cost analysis of the compiled step (deterministic):\n"
+            f"{'method':24s} {'GFLOP base':>11s} {'head':>8s} {'ratio':>6s} "
+            f"{'GB accessed base':>17s} {'head':>7s} {'ratio':>6s}")
+      for name in dict.fromkeys([*costs["head"], *costs["base"]]):
+        b, h = costs["base"].get(name, {}), costs["head"].get(name, {})
+        cells = []
+        for key, scale in (("flops", 1e9), ("bytes accessed", 1e9)):
+          if key in b and key in h:
+            cells.append(f"{b[key] / scale:11.2f} {h[key] / scale:8.2f} {h[key] / b[key]:6.2f}")
+          else:
+            cells.append(f"{'-':>11s} {'-':>8s} {'-':>6s}")
+        print(f"{name:24s} {cells[0]} {cells[1]:>32s}")
     for r in range(args.rounds):
       order = ("base", "head") if r % 2 == 0 else ("head", "base")
       for side in order:
@@ -120,7 +175,7 @@ def main(argv=None) -> None:
                "base": {"revision": args.base, "commit": base_commit},
                "head": {"commit": head_commit, "dirty": dirty, "set": args.head_set},
                "bench_args": bench_args, "cpu_count": os.cpu_count(),
-               "runs": records, "rows": rows}, f, indent=2)
+               "cost_analysis": costs, "runs": records, "rows": rows}, f, indent=2)
   print(f"wrote {args.out}")
 
 
