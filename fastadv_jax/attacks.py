@@ -160,7 +160,7 @@ def _input_grad(loss_fn: LossClosure, point: Array) -> Array:
   return grad.astype(dtype)
 
 
-def boundary_input_grad(loss_fn: LossClosure, x: Array, delta: Array,
+def boundary_input_grad(loss_fn: LossClosure, x: Array, delta: Array | None,
                         box_grad: str = "full") -> Array:
   """Input gradient at the box-clipped point x + delta, with a boundary rule.
 
@@ -182,16 +182,20 @@ def boundary_input_grad(loss_fn: LossClosure, x: Array, delta: Array,
   Args:
     loss_fn: batch-mean loss closure.
     x: images in [0, 1].
-    delta: the perturbation; x + delta may leave the box.
+    delta: the perturbation; x + delta may leave the box (None: zero).
     box_grad: "full", "zero" or "half".
   Returns:
     The gradient with respect to delta, float32 (float64 kept).
   """
   _checks.check_choice("box_grad", box_grad, BOX_GRAD_RULES)
-  grad = _input_grad(loss_fn, x + project_box(x, delta))
+  # delta None: at x itself, written as x so that XLA can share this pass with
+  # other computations at x in the same step (the regularizers' ∇ℓ(x)).
+  point = x if delta is None else x + project_box(x, delta)
+  grad = _input_grad(loss_fn, point)
   if box_grad == "full":
     return grad
-  return grad * _boundary_factor(x + delta, box_grad).astype(grad.dtype)
+  return grad * _boundary_factor(x if delta is None else x + delta,
+                                 box_grad).astype(grad.dtype)
 
 
 def _boundary_factor(point: Array, box_grad: str) -> Array:
@@ -290,7 +294,7 @@ def fgsm(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
   _checks.check_choice("box_grad", box_grad, BOX_GRAD_RULES)
   step = _step_or_default("fgsm", step, eps)
   x = _as_float32(x)
-  grad = boundary_input_grad(loss_fn, x, jnp.zeros_like(x), box_grad)
+  grad = boundary_input_grad(loss_fn, x, None, box_grad)
   delta = project_box(x, project_linf(step * jnp.sign(grad), eps))
   return AttackOutput(delta, x, grad, x[None])
 

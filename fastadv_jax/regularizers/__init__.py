@@ -351,7 +351,8 @@ def _scale_factor(scale: str, batch: int) -> float:
 
 
 def input_grad_norm(loss_fn: LossClosure, x: Array, *, scale: str = DEFAULT_GRAD_SCALE,
-                    formulation: str = DEFAULT_FORMULATION) -> Array:
+                    formulation: str = DEFAULT_FORMULATION,
+                    grad_x: Optional[Array] = None) -> Array:
   """Input-gradient L2 penalty (IGR; GradAlign Table 8, Li & Spratling Table 3).
 
   Default ("batch_mean_averaged"): mean_i ‖∇_{xᵢ} L‖₂² with L the batch-mean
@@ -367,13 +368,16 @@ def input_grad_norm(loss_fn: LossClosure, x: Array, *, scale: str = DEFAULT_GRAD
     x: the point where the gradient is taken (B, ...).
     scale: "batch_mean_averaged" (default), "batch_mean" or "per_example".
     formulation: as in `exact_grad_penalty`.
+    grad_x: ∇ₓℓ(x) if already known (FGSM's gradient at x): with
+      reverse-over-forward it saves one forward and backward pass (see `cure`).
   Returns:
     The scalar penalty (not yet multiplied by λ).
   """
   c = _scale_factor(scale, x.shape[0])
   _checks.check_choice("formulation", formulation, FORMULATIONS)
+  grads = None if grad_x is None else (grad_x,)
   return exact_grad_penalty(loss_fn, (x,), lambda g: c * jnp.sum(_flat(g) ** 2),
-                            formulation=formulation)
+                            formulation=formulation, grads=grads)
 
 
 def cure(loss_fn: LossClosure, x: Array, *, eps: Any, scale: str = DEFAULT_GRAD_SCALE,
@@ -646,7 +650,8 @@ register_regularizer("cure", RegularizerSpec(cure, dict(
     loss_fn="loss_fn", x="x", eps="eps", grad_x="grad_at_clean"),
     forward_points=_cure_forward_points))
 register_regularizer("input_grad_norm", RegularizerSpec(input_grad_norm, dict(
-    loss_fn="loss_fn", x="x"), forward_points=lambda args, hp: [args["x"]]))
+    loss_fn="loss_fn", x="x", grad_x="grad_at_clean"),
+    forward_points=lambda args, hp: [args["x"]]))
 def _advlc_forward_points(args, hparams):
   """AdvLC's train-mode forwards beside the CE pass: none for clean_point="start"
   (the AdvLC code's `model(cle)` is the attack's own forward, src/utils/train.py
