@@ -132,8 +132,10 @@ def _select_on_validation(config, n: int = 1000):
   (AdvLC: src/utils/train.py l.102-131, PGD-10 without random start); that
   makes "best" optimistic, so here the last `n` training examples are held
   out (data.validation_size; recorded in summary.json) and PGD-10 with one
-  random start on them picks best/.
+  random start on them picks best/, instead of the GradAlign code's training
+  points (`_gradalign_paper`).
   """
+  del config.evals.train_pgd
   config.data.validation_size = n
   config.evals.validation = config_base.default_eval(
       split="validation", n=n, metrics=["clean_acc", "pgd_acc"])
@@ -157,7 +159,6 @@ def _zerograd_paper(config):
   config.augment.update(padding=4, pad_mode="reflect", flip=True)
   config.final_eval.update(n=10000)
   config.bn_updates = "every_forward"
-  del config.evals.train_pgd
   _select_on_validation(config)
   return config
 
@@ -173,7 +174,6 @@ def _advlc_paper(config):
   config.schedule.kwargs = ml_collections.ConfigDict(dict(boundary_epochs=[100, 150],
                                                           factor=0.1))
   config.bn_updates = "every_forward"
-  del config.evals.train_pgd
   _select_on_validation(config)
   return config
 

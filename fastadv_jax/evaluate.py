@@ -106,11 +106,11 @@ PGD_LOSSES = ("ce", "dlr")
 SELECTIONS = ("random", "first")
 AUTOATTACK_VERSIONS = ("standard",)
 RECORD_SCHEMA = "fastadv_jax.eval_record/1"
-METRICS = ("clean_acc", "fgsm_acc", "fgsm_point_acc", "pgd_acc", "grad_alignment",
-           "cos_fgsm_pgd", "input_grad_l1", "hessian_top")
-# What an evaluation computes unless its `metrics` say otherwise (the loss-
-# landscape metrics of AdvLC cost more and are asked for by name).
-DEFAULT_METRICS = METRICS[:6]
+# What an evaluation computes unless its `metrics` say otherwise.
+DEFAULT_METRICS = ("clean_acc", "fgsm_acc", "fgsm_point_acc", "pgd_acc", "grad_alignment",
+                   "cos_fgsm_pgd")
+# Every metric; AdvLC's loss-landscape metrics cost more and are asked for by name.
+METRICS = DEFAULT_METRICS + ("input_grad_l1", "hessian_top")
 # Metrics defined on every point (not only the clean-correct ones). The
 # accuracy at the FGSM point (correct at x + δ_FGSM, whatever the clean
 # prediction) is not a robust accuracy: it is the catastrophic-overfitting

@@ -235,6 +235,9 @@ def make_augment(config):
   return augment
 
 
+_SWA_KEY = 0x5357  # folds the augmentation key of SWA's BatchNorm pass apart from training's
+
+
 def _swa_batch_statistics(model, augment, seed: int, state: state_lib.TrainState, batch):
   """One device's part of a batch's BatchNorm statistics for SWA's averaged weights,
   averaged over devices; augmented with a key of its own (the state's step)."""
@@ -242,9 +245,6 @@ def _swa_batch_statistics(model, augment, seed: int, state: state_lib.TrainState
   x = augment(batch["image"], batch["index"], key)
   stats = state_lib.batch_statistics(model, state.swa["params"], state.swa["batch_stats"], x)
   return jax.lax.pmean(stats, state_lib.AXIS)
-
-
-_SWA_KEY = 0x5357  # folds the augmentation key of SWA's BatchNorm pass apart from training's
 
 
 class _Run:

@@ -196,11 +196,15 @@ def local_rows(a) -> np.ndarray:
   return np.asarray(jax.device_get(a))
 
 
+def _stack_copies(tree, n: int):
+  """`n` copies of every leaf along a new leading axis (host arrays, no copy made)."""
+  return jax.tree_util.tree_map(lambda a: np.broadcast_to(np.asarray(a), (n,) + np.shape(a)),
+                                tree)
+
+
 def replicate(tree, devices):
   """One copy of every leaf per device, placed as a mapped step returns it."""
-  n = _num_local(devices)
-  return _shard_leading_axis(jax.tree_util.tree_map(
-      lambda a: np.broadcast_to(np.asarray(a), (n,) + np.shape(a)), tree), devices)
+  return _shard_leading_axis(_stack_copies(tree, _num_local(devices)), devices)
 
 
 def to_devices(state: TrainState, devices) -> TrainState:
@@ -210,9 +214,7 @@ def to_devices(state: TrainState, devices) -> TrainState:
   """
   n = _num_local(devices)
   free = np.asarray(state.attack_state)
-  stacked = jax.tree_util.tree_map(
-      lambda a: np.broadcast_to(np.asarray(a), (n,) + np.shape(a)),
-      state.replace(attack_state=np.zeros((), np.float32)))
+  stacked = _stack_copies(state.replace(attack_state=np.zeros((), np.float32)), n)
   if free.ndim:
     stacked = stacked.replace(attack_state=free.reshape((n, -1) + free.shape[1:]))
   return _shard_leading_axis(stacked, devices)
