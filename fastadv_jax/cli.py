@@ -255,6 +255,8 @@ def eval_main(argv=None) -> None:
   flags.DEFINE_integer("batch_size", 500, "Evaluation batch size.")
   flags.DEFINE_float("eps", None, "Override ε in /255 units (e.g. 8), in (0, 255]; "
                      "default: the run's config.")
+  flags.DEFINE_integer("num_devices", 0, "Local devices to evaluate on (0: all on an "
+                       "accelerator, one on CPU); the result does not depend on it.")
   flags.DEFINE_bool("progress", True, "Show progress bars.")
 
   def main(argv):
@@ -267,7 +269,7 @@ def eval_main(argv=None) -> None:
       raise UsageError(f"--eps={f.eps} is outside (0, 255]: give ε in /255 units, "
                        f"e.g. --eps=8 for 8/255.")
     for name, minimum in (("n", 1), ("steps", 1), ("restarts", 1), ("batch_size", 1),
-                          ("seed", 0)):
+                          ("seed", 0), ("num_devices", 0)):
       if f[name].value < minimum:
         raise UsageError(f"--{name}={f[name].value} must be >= {minimum}.")
     _enable_compilation_cache()
@@ -276,7 +278,7 @@ def eval_main(argv=None) -> None:
         f.workdir, checkpoint=f.checkpoint, attack=f.attack, n=f.n, seed=f.seed,
         eps=None if f.eps is None else f.eps / 255.0, batch_size=f.batch_size,
         steps=f.steps, restarts=f.restarts, rule=f.rule, selection=f.selection,
-        progress=f.progress)
+        num_devices=f.num_devices or None, progress=f.progress)
     print(json.dumps(record, indent=2, default=str))
 
   _run("fastadv-eval", "Robust accuracy (PGD-k-r or AutoAttack) of a trained run.", main,

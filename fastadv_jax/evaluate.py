@@ -96,6 +96,7 @@ import numpy as np
 from fastadv_jax import _checks
 from fastadv_jax import attacks as attacks_lib
 from fastadv_jax import closures
+from fastadv_jax import device_shards
 from fastadv_jax.restore import CHECKPOINTS
 
 Array = jax.Array
@@ -438,10 +439,11 @@ def pgd_accuracy(logits_fn, images, labels, key, *, eps: float, steps: int = 50,
   (PGD-50-10, α = ε/4, CE loss), run with `fastadv_jax.attacks.pgd`; the same
   per-example computation as `robustness_metrics(..., metrics=("pgd_acc",))`.
 
-  On one device with the strict rule (and no early stop) the restarts run one
-  after the other, each only on the points no earlier restart fooled (under
-  the strict rule they decide nothing else), packed into bucketed batches,
-  with the steps in compiled chunks: the same result, less work.
+  With the strict rule (and no early stop) the restarts run one after the
+  other, each only on the points no earlier restart fooled (under the strict
+  rule they decide nothing else), packed into bucketed batches, with the steps
+  in compiled chunks: the same result, less work. Several devices split the
+  points, one driver thread each (`fastadv_jax.device_shards`).
 
   Args:
     logits_fn: `x -> logits`, float32, BatchNorm in eval mode; must treat
@@ -460,7 +462,9 @@ def pgd_accuracy(logits_fn, images, labels, key, *, eps: float, steps: int = 50,
       rule of the GradAlign, Wong and ZeroGrad code, slightly optimistic).
     batch_size: examples per compiled call (the last batch is padded).
     early_stop: stop attacking an example once fooled (Wong's / ZeroGrad's code).
-    num_devices: devices to split each batch across (None: all local devices).
+    num_devices: the strict rule splits the points between devices, one
+      driver thread each (None: all local devices on an accelerator, one on
+      CPU); the other rules split each batch (None: all local devices).
     example_ids: the examples' indices in the test set (default 0..N-1); they
       select the per-example random keys.
     clean_correct: optional (N,) bool, the clean correctness if already known
@@ -478,11 +482,11 @@ def pgd_accuracy(logits_fn, images, labels, key, *, eps: float, steps: int = 50,
   _checks.check_choice("restart rule", rule, RESTART_RULES)
   step = eps / 4 if step is None else step
   _checks.check_positive("step", step)
-  if rule == "strict" and not early_stop and _resolve_devices(num_devices) == 1:
+  if rule == "strict" and not early_stop:
     correct = _pgd_strict_correct(
         logits_fn, images, labels, key, eps=eps, step=step, steps=steps, restarts=restarts,
         loss=loss, batch_size=batch_size, example_ids=example_ids,
-        clean_correct=clean_correct, progress=progress)
+        clean_correct=clean_correct, progress=progress, num_devices=num_devices)
     return Accuracy(correct, float(np.mean(correct)))
   correct = _per_example_metrics(
       logits_fn, images, labels, key, metrics=("pgd_acc",), eps=eps, step=step,
@@ -491,10 +495,6 @@ def pgd_accuracy(logits_fn, images, labels, key, *, eps: float, steps: int = 50,
       example_ids=example_ids, clean_correct=clean_correct, progress=progress,
       desc=f"PGD-{steps}-{restarts}")["pgd_acc"]
   return Accuracy(correct, float(np.mean(correct)))
-
-
-def _resolve_devices(num_devices: int | None) -> int:
-  return jax.local_device_count() if num_devices is None else num_devices
 
 
 @functools.partial(jax.jit, static_argnames=("restart",))
@@ -525,7 +525,8 @@ def _pgd_correct(logits_fn, x, y, delta):
 
 
 def _pgd_strict_correct(logits_fn, images, labels, key, *, eps, step, steps, restarts, loss,
-                        batch_size, example_ids, clean_correct, progress) -> np.ndarray:
+                        batch_size, example_ids, clean_correct, progress,
+                        num_devices) -> np.ndarray:
   """PGD-`steps`-`restarts` robust correctness under the strict rule, fast.
 
   The same per-example computation as `_example_values` (same keys, starts
@@ -535,9 +536,12 @@ def _pgd_strict_correct(logits_fn, images, labels, key, *, eps, step, steps, res
   in batches of at most the evaluation's batch shape padded to a bucketed size
   (`autoattack._common.bucket_size`), and the steps run in compiled chunks of
   unrolled steps (XLA:CPU runs convolution gradients inside loop bodies about
-  2x slower, jax-ml/jax#12868). Results equal the generic engine's.
+  2x slower, jax-ml/jax#12868). Results equal the generic engine's. With
+  several devices the points are split between them, one driver thread per
+  device (`fastadv_jax.device_shards`).
   """
   from fastadv_jax.autoattack import _common as aa_common  # pylint: disable=g-import-not-at-top
+  devices = device_shards.resolve_devices(num_devices)
   num = len(images)
   example_ids = np.arange(num) if example_ids is None else np.asarray(example_ids)
   _checks.check_same_batch("images", images, "example_ids", example_ids)
@@ -556,45 +560,69 @@ def _pgd_strict_correct(logits_fn, images, labels, key, *, eps, step, steps, res
   tree = closures.as_pytree(logits_fn)
   images = np.asarray(images)
   labels = np.asarray(labels, np.int32)
-  eps32, step32 = jnp.float32(eps), jnp.float32(step)
   chunks, _ = aa_common.loop_chunks(steps)
-  robust = clean_correct.copy()
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(total=restarts * steps, desc=f"PGD-{steps}-{restarts}", unit="step",
-               leave=False)
-  try:
-    for restart in range(restarts):
-      remaining = np.flatnonzero(robust)
+
+  def attack_shard(points, device, position):
+    """The restarts on `points` (indices) on `device`: their robust correctness."""
+    eps32, step32 = jnp.float32(eps), jnp.float32(step)
+    robust = clean_correct[points].copy()
+    bar = None
+    if progress:
+      from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+      where = f" {device}" if len(devices) > 1 else ""
+      bar = tqdm(total=restarts * steps, desc=f"PGD-{steps}-{restarts}{where}", unit="step",
+                 leave=False, position=position if len(devices) > 1 else None)
+    try:
+      for restart in range(restarts):
+        remaining = np.flatnonzero(robust)
+        if bar is not None:
+          bar.set_postfix(robust=int(remaining.size), refresh=False)
+        if not remaining.size:
+          if bar is not None:
+            bar.update(steps * (restarts - restart))
+          break
+        parts = []
+        for start in range(0, remaining.size, batch):
+          rows = remaining[start:start + batch]
+          n = rows.size
+          size = aa_common.bucket_size(n, batch)
+          rows = np.concatenate([rows, np.full(size - n, rows[0], rows.dtype)])
+          x = jax.device_put(images[points[rows]], device)
+          y = jax.device_put(labels[points[rows]], device)
+          ids = jax.device_put(example_ids[points[rows]].astype(np.int32), device)
+          parts.append((rows, n, x, y, _pgd_starts(x, ids, key, eps32, restart=restart)))
+        for c, (_, length) in enumerate(chunks):
+          chunk_start = time.perf_counter()
+          for p, (rows, n, x, y, delta) in enumerate(parts):
+            parts[p] = (rows, n, x, y, _pgd_steps(tree, x, y, delta, eps32, step32,
+                                                  loss=loss, length=length))
+          if bar is not None:
+            jax.block_until_ready(parts[-1][4])
+            bar.update(length)
+            if position == 0 and restart == 0 and c == min(1, len(chunks) - 1):
+              # The first timed chunk after compilation: seconds per point and step.
+              rate = (time.perf_counter() - chunk_start) / (remaining.size * length)
+              left = rate * remaining.size * (steps * restarts - (c + 1) * length)
+              bar.write(f"PGD-{steps}-{restarts} on {num} points: at most about "
+                        f"{aa_common.duration(left)} left (if no restart fools a point)")
+        for rows, n, x, y, delta in parts:
+          ok = np.asarray(_pgd_correct(tree, x, y, delta))[:n]
+          robust[rows[:n][~ok]] = False
+        if bar is not None and position == 0 and restart == 0 and restarts > 1:
+          left = rate * int(robust.sum()) * steps * (restarts - 1)
+          bar.write(f"PGD-{steps}-{restarts}: {int(robust.sum())} of {remaining.size} "
+                    f"points robust after the first restart; at most about "
+                    f"{aa_common.duration(left)} left")
+    finally:
       if bar is not None:
-        bar.set_postfix(robust=int(remaining.size), refresh=False)
-      if not remaining.size:
-        if bar is not None:
-          bar.update(steps * (restarts - restart))
-        break
-      parts = []
-      for start in range(0, remaining.size, batch):
-        rows = remaining[start:start + batch]
-        n = rows.size
-        size = aa_common.bucket_size(n, batch)
-        rows = np.concatenate([rows, np.full(size - n, rows[0], rows.dtype)])
-        x, y = jnp.asarray(images[rows]), jnp.asarray(labels[rows])
-        ids = jnp.asarray(example_ids[rows], jnp.int32)
-        parts.append((rows, n, x, y, _pgd_starts(x, ids, key, eps32, restart=restart)))
-      for _, length in chunks:
-        for p, (rows, n, x, y, delta) in enumerate(parts):
-          parts[p] = (rows, n, x, y, _pgd_steps(tree, x, y, delta, eps32, step32, loss=loss,
-                                                length=length))
-        if bar is not None:
-          jax.block_until_ready(parts[-1][4])
-          bar.update(length)
-      for rows, n, x, y, delta in parts:
-        ok = np.asarray(_pgd_correct(tree, x, y, delta))[:n]
-        robust[rows[:n][~ok]] = False
-  finally:
-    if bar is not None:
-      bar.close()
+        bar.close()
+    return robust
+
+  all_points = np.arange(num)
+  robust = np.empty(num, bool)
+  for points, shard in zip(device_shards.split(all_points, len(devices)),
+                           device_shards.run_on_devices(attack_shard, all_points, devices)):
+    robust[points] = shard
   return robust
 
 
@@ -675,16 +703,13 @@ def _run_autoattack(logits_fn, images, labels, key, *, eps, version, batch_size,
   _check_common(images, labels, batch_size)
   _check_eps(eps)
   _checks.check_choice("AutoAttack version", version, AUTOATTACK_VERSIONS)
-  if num_devices not in (None, 1):
-    raise ValueError(f"num_devices={num_devices}: AutoAttack runs on one device "
-                     f"(its driver compacts the still-robust points on the host); "
-                     f"use num_devices=1 or None.")
+  device_shards.resolve_devices(num_devices)  # a bad count fails before anything runs
   if isinstance(key, (int, np.integer)):
     key = jax.random.key(int(key))
   images = np.asarray(images)
   x = (images.astype(np.float32) / 255.0 if images.dtype == np.uint8
        else images.astype(np.float32))
-  attack_kwargs = dict(attack_kwargs)
+  attack_kwargs = dict(attack_kwargs, num_devices=num_devices)
   attack_kwargs.setdefault("progress", progress)
   return autoattack.autoattack(logits_fn, x, np.asarray(labels, np.int32), key, eps=eps,
                                version=version, batch_size=batch_size,
@@ -717,7 +742,9 @@ def autoattack_accuracy(logits_fn, images, labels, key, *, eps: float,
     eps: L∞ radius in [0, 1] pixel units (> 0).
     version: the ensemble; "standard".
     batch_size: chunk size of the still-robust points.
-    num_devices: 1 or None (one device; see above).
+    num_devices: devices to split the points between, one driver thread each
+      (None: all local devices on an accelerator, one on CPU); the result does
+      not depend on it.
     progress: a tqdm progress bar per attack (iterations or queries, points
       still robust) and the robust accuracy printed after each attack.
     **attack_kwargs: passed to `autoattack.autoattack`, e.g. `n_iter`,
@@ -1019,7 +1046,8 @@ def evaluate(logits_fn, test_images, test_labels, seed: int = 0, *,
       `pgd_accuracy`; `version`: see `autoattack_accuracy`.
     autoattack_kwargs: further `autoattack.autoattack` settings (n_iter,
       n_queries, ...), recorded.
-    num_devices: devices (None: all local devices for PGD; AutoAttack uses one).
+    num_devices: devices (None: all local devices; for AutoAttack and strict
+      PGD, whose drivers split the points between devices, one on CPU).
     dataset: dataset name for the record.
     metadata: extra JSON-able entries (model name, checkpoint, ...) stored
       under "metadata".
@@ -1068,7 +1096,7 @@ def evaluate(logits_fn, test_images, test_labels, seed: int = 0, *,
     attack_kwargs.setdefault("example_ids", np.asarray(indices))
     result = _run_autoattack(logits_fn, sub_images, sub_labels, key, eps=eps,
                              version=version, batch_size=batch_size,
-                             num_devices=None, progress=progress,
+                             num_devices=num_devices, progress=progress,
                              attack_kwargs=attack_kwargs)
     robust = Accuracy(np.asarray(result.robust, bool),
                       float(np.mean(result.robust)))
@@ -1082,7 +1110,8 @@ def evaluate(logits_fn, test_images, test_labels, seed: int = 0, *,
                            "square_rescale_schedule", False),
                        "chunking": f"still-robust points in chunks of {batch_size}"}
   attack_time = time.time() - attack_start
-  used_devices = (1 if attack == "autoattack" else
+  driver_per_device = attack == "autoattack" or (rule == "strict" and not early_stop)
+  used_devices = (len(device_shards.resolve_devices(num_devices)) if driver_per_device else
                   jax.local_device_count() if num_devices is None else num_devices)
   versions = _versions()
 
@@ -1225,7 +1254,7 @@ def evaluate_workdir(workdir: str, *, checkpoint: str = "best", attack: str = "p
     selection: "first" (the first n test points, as training's final
       evaluation) or "random" (n points drawn with `seed`).
     autoattack_kwargs: further AutoAttack settings (e.g. {"n_iter": 10}).
-    num_devices: devices (None: all local devices).
+    num_devices: devices (None: as `evaluate`).
     out: record path (default under `workdir/eval/`).
     progress: tqdm progress bars.
   Returns:

@@ -9,6 +9,7 @@ the worst case over the Linf ball and the box has a closed form:
   is attained at x + d = clip(x - eps * sign(w_y - w_j), 0, 1).
 """
 
+import re
 import warnings
 
 import flax.linen as nn
@@ -456,6 +457,37 @@ def test_chunking_and_compaction_do_not_change_results(multiclass, multiclass_re
   np.testing.assert_allclose(np.asarray(sub.x_adv), np.asarray(whole.x_adv)[ids], atol=1e-6)
 
 
+def test_devices_split_the_points_without_changing_results(multiclass, multiclass_result):
+  """Three devices, one driver thread each on its share of the points: the same
+  per-point result as one device, and the arrays of each share on its device."""
+  from fastadv_jax import device_shards
+  model, _, _, x, y = multiclass
+  devices = device_shards.resolve_devices(3)
+  seen = []
+  run_on_devices = device_shards.run_on_devices
+
+  def recording(driver, points, devs):
+    def spying(shard, device, position):
+      seen.append((device, jnp.zeros(()).devices()))
+      return driver(shard, device, position)
+    return run_on_devices(spying, points, devs)
+
+  device_shards.run_on_devices = recording
+  try:
+    split = aa.autoattack(model, x, y, KEY, eps=EPS, n_iter=N_ITER,
+                          n_target_classes=N_TARGETS, n_queries=N_QUERIES, batch_size=BATCH,
+                          num_devices=3)
+  finally:
+    device_shards.run_on_devices = run_on_devices
+  assert sorted(str(d) for d, _ in seen) == sorted(str(d) for d in devices)
+  assert all(placed == {device} for device, placed in seen)
+  np.testing.assert_array_equal(split.stage_fooled, multiclass_result.stage_fooled)
+  np.testing.assert_array_equal(np.asarray(split.x_adv), np.asarray(multiclass_result.x_adv))
+  assert split.robust_accuracy == multiclass_result.robust_accuracy
+  with pytest.raises(ValueError, match="num_devices=99"):
+    aa.autoattack(model, x, y, KEY, eps=EPS, num_devices=99)
+
+
 @pytest.mark.parametrize("attack", ["apgd-t", "fab-t", "square"])
 def test_packed_attack_equals_the_full_batch(multiclass, attack, monkeypatch):
   """Each target/restart/query block runs on the points still to fool, packed
@@ -511,9 +543,13 @@ def test_autoattack_progress_bars(multiclass, capsys):
   model, _, _, x, y = multiclass
   result = aa.autoattack(model, x, y, KEY, eps=EPS, n_iter=N_ITER, n_target_classes=N_TARGETS,
                          n_queries=N_QUERIES, batch_size=BATCH, progress=True, checks=False)
-  err = capsys.readouterr().err
+  captured = capsys.readouterr()
+  err = captured.err
   for stage, name in enumerate(("APGD-CE", "APGD-T", "FAB-T", "SQUARE"), start=1):
     assert f"{name} ({stage}/4)" in err
+  # A run-time estimate after every stage but the last.
+  for name in ("APGD-CE", "APGD-T", "FAB-T"):
+    assert re.search(rf"points robust after {name}; at most about \d+ s left", captured.out)
   assert "robust=" in err
   assert f"robust={int(result.robust.sum())}" in err
 

@@ -24,7 +24,7 @@ def _help(main, *args):
 @pytest.mark.parametrize("main,prog,own_flags", [
     ("train_main", "fastadv-train", ["--workdir", "--config", "--max_steps", "--progress"]),
     ("eval_main", "fastadv-eval", ["--workdir", "--checkpoint", "--attack", "--selection",
-                                     "--n", "--eps"]),
+                                     "--n", "--eps", "--num_devices"]),
     ("plot_main", "fastadv-plot", ["--workdir"]),
 ])
 def test_help_lists_own_flags_and_examples(main, prog, own_flags):

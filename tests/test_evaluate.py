@@ -8,6 +8,7 @@ compiled shape is shared across the module through fixtures.
 
 import json
 import os
+import re
 import sys
 import types
 
@@ -135,13 +136,35 @@ def test_example_ids_select_the_random_keys(setup, pgd_batch4):
   np.testing.assert_array_equal(sub.correct, pgd_batch4.correct[order])
 
 
+def test_strict_pgd_prints_a_run_time_estimate(setup, pgd_batch4, capsys):
+  """After the first compiled chunk of steps, and after the first restart."""
+  _, _, logits_fn, images, labels = setup
+  again = evaluate.pgd_accuracy(logits_fn, images, labels, 0, eps=EPS, batch_size=4,
+                                num_devices=1, progress=True, **PGD)
+  np.testing.assert_array_equal(again.correct, pgd_batch4.correct)
+  out = capsys.readouterr().out
+  assert re.search(r"PGD-5-2 on 10 points: at most about \d+ s left", out)
+  robust_after_first = re.search(r"PGD-5-2: (\d+) of (\d+) points robust after the first "
+                                 r"restart; at most about \d+ s left", out)
+  assert robust_after_first is not None
+  assert int(robust_after_first[1]) >= pgd_batch4.correct.sum()
+
+
 def test_eight_devices_equal_one_device(setup, pgd_batch4):
   assert jax.local_device_count() == 8
   _, _, logits_fn, images, labels = setup
-  # batch 8 over 8 devices: 8 + 2 padded to 8, one example per device
+  # The generic engine (max-loss rule): batch 8 over 8 devices, 8 + 2 padded
+  # to 8, one example per device.
+  max_loss = dict(PGD, rule="max_loss")
   sharded = evaluate.pgd_accuracy(logits_fn, images, labels, 0, eps=EPS,
-                                  batch_size=8, num_devices=8, progress=False, **PGD)
-  np.testing.assert_array_equal(sharded.correct, pgd_batch4.correct)
+                                  batch_size=8, num_devices=8, progress=False, **max_loss)
+  one = evaluate.pgd_accuracy(logits_fn, images, labels, 0, eps=EPS,
+                              batch_size=4, num_devices=1, progress=False, **max_loss)
+  np.testing.assert_array_equal(sharded.correct, one.correct)
+  # The strict driver: the points split between 3 devices, a thread each.
+  split = evaluate.pgd_accuracy(logits_fn, images, labels, 0, eps=EPS,
+                                batch_size=4, num_devices=3, progress=False, **PGD)
+  np.testing.assert_array_equal(split.correct, pgd_batch4.correct)
   clean8 = evaluate.clean_accuracy(logits_fn, images, labels, batch_size=8,
                                    num_devices=8)
   clean1 = evaluate.clean_accuracy(logits_fn, images, labels, batch_size=4,
@@ -325,8 +348,8 @@ def test_autoattack_accuracy_and_record(setup):
   assert stages["clean"] == pytest.approx(0.7)
   assert stages["square"] == pytest.approx(result.accuracy)
   assert json.loads(json.dumps(record)) == record
-  with pytest.raises(ValueError, match="one device"):
-    evaluate.autoattack_accuracy(logits_fn, images, labels, 0, eps=EPS, num_devices=8)
+  with pytest.raises(ValueError, match="num_devices=9"):
+    evaluate.autoattack_accuracy(logits_fn, images, labels, 0, eps=EPS, num_devices=9)
 
 
 # ----------------------------------------------------------------------------

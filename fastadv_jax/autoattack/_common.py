@@ -30,6 +30,7 @@ Conventions every attack in this package follows:
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -262,20 +263,31 @@ class _Progress:
     self.bar.set_postfix(robust=self.robust_elsewhere + int(active_in_batch), refresh=False)
 
 
-_PROGRESS: list = []
+# Per thread: with several devices each device's driver runs in its own
+# thread (`fastadv_jax.device_shards`) with its own bars.
+_PROGRESS = threading.local()
+
+
+def _open_reporters() -> list:
+  if not hasattr(_PROGRESS, "stack"):
+    _PROGRESS.stack = []
+  return _PROGRESS.stack
 
 
 def progress():
-  """The innermost open progress reporter, or None."""
-  return _PROGRESS[-1] if _PROGRESS else None
+  """The innermost open progress reporter of this thread, or None."""
+  stack = _open_reporters()
+  return stack[-1] if stack else None
 
 
 class progress_bar:  # pylint: disable=invalid-name
   """Context manager: a tqdm bar (`total` iterations) the attacks report into."""
 
-  def __init__(self, total: int, desc: str, robust: int, enabled: bool = True):
+  def __init__(self, total: int, desc: str, robust: int, enabled: bool = True,
+               position: int | None = None):
     self.enabled = enabled
-    self.args = dict(total=total, desc=desc, unit="it", leave=True, dynamic_ncols=True)
+    self.args = dict(total=total, desc=desc, unit="it", leave=True, dynamic_ncols=True,
+                     position=position)
     self.robust = robust
     self.reporter = None
 
@@ -285,14 +297,29 @@ class progress_bar:  # pylint: disable=invalid-name
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
     self.reporter = _Progress(tqdm(**self.args), 0)
     self.reporter.bar.set_postfix(robust=self.robust)
-    _PROGRESS.append(self.reporter)
+    _open_reporters().append(self.reporter)
     return self.reporter
 
   def __exit__(self, *exc):
     if self.reporter is not None:
-      _PROGRESS.remove(self.reporter)
+      _open_reporters().remove(self.reporter)
       self.reporter.bar.close()
     return False
+
+
+def duration(seconds: float) -> str:
+  """12 s, 3.4 min, 1.2 h: a run-time estimate for a person."""
+  if seconds < 90:
+    return f"{seconds:.0f} s"
+  if seconds < 5400:
+    return f"{seconds / 60:.1f} min"
+  return f"{seconds / 3600:.1f} h"
+
+
+def write(message: str) -> None:
+  """Prints `message` above any open progress bars."""
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  tqdm.write(message)
 
 
 def tick(n: int, wait_for=None) -> None:

@@ -20,7 +20,10 @@ reference's index sets while a handful of shapes, each compiled once, serve
 every stage and batch. Within an attack, every target, restart and (Square)
 block of queries again runs on the points still to fool only, packed the same
 way. Every random draw of a point comes from the key and the point's index
-(`example_ids`), so a point's result does not depend on the chunking.
+(`example_ids`), so a point's result does not depend on the chunking, nor on
+the number of devices: with several, the points are split between them and
+each device runs the stages on its share in its own thread
+(`fastadv_jax.device_shards`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastadv_jax import closures
+from fastadv_jax import device_shards
 from fastadv_jax import _checks
 from fastadv_jax.autoattack import _common
 from fastadv_jax.autoattack import checks as checks_lib
@@ -141,7 +145,7 @@ def autoattack(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "linf"
                n_queries: int = 5000, eot_iter: Optional[int] = None,
                square_rescale_schedule: bool = False, stochastic: bool = False,
                checks: bool = True, verbose: bool = False, progress: bool = False,
-               example_ids=None) -> AutoAttackResult:
+               example_ids=None, num_devices: Optional[int] = None) -> AutoAttackResult:
   """Runs AutoAttack (Croce & Hein 2020) and reports robust accuracy per stage.
 
   Python orchestration around jitted attacks: the robust set is concrete, so
@@ -175,12 +179,15 @@ def autoattack(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "linf"
       (torchattacks: True; fra31 AutoAttack: False, the default).
     stochastic: `logits_fn` takes a key (randomized defense).
     checks: run the reliability checks and emit `fastadv_jax.autoattack.checks` warnings.
-    verbose: print the robust accuracy after each stage.
+    verbose: print the robust accuracy after each stage (once all have run).
     progress: a tqdm progress bar per stage (iterations or queries, points
       still robust).
     example_ids: optional (N,) ints, the points' ids (default 0..N-1, e.g.
       their test-set indices); a point's random draws depend on the key, the
       stage and its id only.
+    num_devices: local devices to split the points between, one driver thread
+      per device (`fastadv_jax.device_shards`; the results do not depend on
+      it); None: all local devices on an accelerator, one on CPU.
 
   Returns:
     An `AutoAttackResult`.
@@ -191,6 +198,7 @@ def autoattack(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "linf"
   """
   norm, attacks = _validate(x, y, eps, norm, version, attacks_to_run, batch_size, n_iter,
                             n_target_classes, n_queries, eot_iter)
+  devices = device_shards.resolve_devices(num_devices)
   if eot_iter is None:
     eot_iter = 20 if version == "rand" else 1
   fn = closures.as_pytree(logits_fn)
@@ -228,10 +236,7 @@ def autoattack(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "linf"
     checks_lib.check_randomized(fn, x[:n_check], y[:n_check], key_checks, stochastic=stochastic)
 
   clean_correct = predictions == y_host
-  robust = clean_correct.copy()
-  stage_fooled = np.where(clean_correct, -1, 0)
   robust_accuracy = {"clean": float(np.mean(clean_correct))}
-  x_adv = x
   if verbose:
     print(f"AutoAttack ({version}, {norm}, eps={eps:.5f}): clean accuracy "
           f"{robust_accuracy['clean']:.2%}")
@@ -260,56 +265,97 @@ def autoattack(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "linf"
   # Iterations per chunk, for the progress bar.
   per_chunk = {"apgd-ce": n_iter, "apgd-dlr": n_iter, "apgd-t": n_iter * n_target_classes,
                "fab-t": n_iter * n_target_classes, "square": n_queries}
+  # Gradient evaluations per point, for the run-time estimate (a Square query
+  # is a forward pass, about a third of a gradient).
+  gradients = {"apgd-ce": n_iter * eot_iter, "apgd-dlr": n_iter * eot_iter,
+               "apgd-t": n_iter * n_target_classes * eot_iter,
+               "fab-t": n_iter * n_target_classes, "square": n_queries / 3}
+  x_host = np.asarray(x)
 
-  start_time = time.time()
+  def attack_shard(points, device, position):
+    """The stages on `points` (indices into x), on `device`: the shard's
+    adversarial rows, the stage that fooled each point, and per stage its
+    zero-gradient count and wall-clock window."""
+    xs = jax.device_put(x_host[points], device)
+    ys = jax.device_put(y_host[points], device)
+    ids = example_ids[points]
+    robust = clean_correct[points].copy()
+    fooled_at = np.where(robust, -1, 0)
+    x_adv = xs
+    where = f" {device}" if len(devices) > 1 else ""
+    stats = {}
+    for stage, name in enumerate(attacks, start=1):
+      stage_start = time.perf_counter()
+      indices = np.flatnonzero(robust)
+      n_zero_grad = 0
+      key_stage = jax.random.fold_in(key_attacks, stage)
+      n_chunks = -(-indices.size // chunk_size)
+      with _common.progress_bar(n_chunks * per_chunk[name], f"{name.upper()} ({stage}/"
+                                f"{len(attacks)}){where}", int(indices.size), progress,
+                                position=position if len(devices) > 1 else None) as bar:
+        for c, (chunk, n) in enumerate(padded_chunks(indices, chunk_size, bucketed=True)):
+          if bar is not None:
+            bar.robust_elsewhere = int(np.sum(robust)) - n
+          # One key per stage: the points' own keys come from their ids; a
+          # stochastic model gets fresh randomness per chunk.
+          key_chunk = jax.random.fold_in(key_stage, c) if stochastic else key_stage
+          mask = jnp.arange(chunk.size) < n
+          xb, yb = xs[chunk], ys[chunk]
+          result = run(name, xb, yb, key_chunk, mask, ids[chunk])
+          # Decide by re-evaluating the returned points, as the reference does.
+          logits = _common.predict(fn, result.x_adv, jax.random.fold_in(key_chunk, 1),
+                                   stochastic)
+          fooled = np.asarray(jnp.argmax(logits, -1) != yb)[:n]
+          if "zero_grad" in result.info:
+            n_zero_grad += int(np.sum(np.asarray(result.info["zero_grad"])[:n]))
+          newly = chunk[:n][fooled]
+          if newly.size:
+            # Padding and points not fooled point past the end and are dropped.
+            rows = np.full(chunk.size, len(points), np.int32)
+            rows[:n][fooled] = newly
+            x_adv = _scatter_rows(x_adv, rows, result.x_adv)
+            robust[newly] = False
+            fooled_at[newly] = stage
+        if bar is not None:
+          bar.robust_elsewhere = 0
+          bar.robust(int(np.sum(robust)))
+      jax.block_until_ready(x_adv)
+      stats[name] = (int(indices.size), n_zero_grad, stage_start, time.perf_counter())
+      if progress and position == 0 and indices.size and stage < len(attacks):
+        # Seconds per point and gradient, as this stage ran (its compilation
+        # included): later stages at most their gradients on every point left.
+        rate = (stats[name][3] - stage_start) / (indices.size * gradients[name])
+        left = rate * int(np.sum(robust)) * sum(gradients[a] for a in attacks[stage:])
+        share = f" (this device's {len(points)} of {num_points} points)" if len(
+            devices) > 1 else ""
+        _common.write(f"AutoAttack{share}: {int(np.sum(robust))} points robust after "
+                      f"{name.upper()}; at most about {_common.duration(left)} left")
+    return np.asarray(x_adv), fooled_at, stats
+
+  shards = device_shards.run_on_devices(attack_shard, all_indices, devices)
+  x_adv_host = x_host.copy()
+  stage_fooled = np.empty(num_points, np.int64)
+  for points, (shard_x_adv, shard_fooled, _) in zip(
+      device_shards.split(all_indices, len(devices)), shards):
+    x_adv_host[points] = shard_x_adv
+    stage_fooled[points] = shard_fooled
+  robust = stage_fooled == -1
   stage_times = {}
   for stage, name in enumerate(attacks, start=1):
-    stage_start = time.perf_counter()
-    indices = np.flatnonzero(robust)
-    n_zero_grad = 0
-    key_stage = jax.random.fold_in(key_attacks, stage)
-    n_chunks = -(-indices.size // chunk_size)
-    with _common.progress_bar(n_chunks * per_chunk[name], f"{name.upper()} ({stage}/"
-                              f"{len(attacks)})", int(indices.size), progress) as bar:
-      for c, (chunk, n) in enumerate(padded_chunks(indices, chunk_size, bucketed=True)):
-        if bar is not None:
-          bar.robust_elsewhere = int(np.sum(robust)) - n
-        # One key per stage: the points' own keys come from their ids; a
-        # stochastic model gets fresh randomness per chunk.
-        key_chunk = jax.random.fold_in(key_stage, c) if stochastic else key_stage
-        mask = jnp.arange(chunk.size) < n
-        xb, yb = x[chunk], y[chunk]
-        result = run(name, xb, yb, key_chunk, mask, example_ids[chunk])
-        # Decide by re-evaluating the returned points, as the reference does.
-        logits = _common.predict(fn, result.x_adv, jax.random.fold_in(key_chunk, 1),
-                                 stochastic)
-        fooled = np.asarray(jnp.argmax(logits, -1) != yb)[:n]
-        if "zero_grad" in result.info:
-          n_zero_grad += int(np.sum(np.asarray(result.info["zero_grad"])[:n]))
-        newly = chunk[:n][fooled]
-        if newly.size:
-          # Padding and points not fooled point past the end and are dropped.
-          rows = np.full(chunk.size, num_points, np.int32)
-          rows[:n][fooled] = newly
-          x_adv = _scatter_rows(x_adv, rows, result.x_adv)
-          robust[newly] = False
-          stage_fooled[newly] = stage
-      if bar is not None:
-        bar.robust_elsewhere = 0
-        bar.robust(int(np.sum(robust)))
-    jax.block_until_ready(x_adv)
-    stage_times[name] = (stage_start, time.perf_counter())
-    robust_accuracy[name] = float(np.mean(robust))
-    if checks and name in _GRADIENT_ATTACKS and indices.size:
-      checks_lib.warn_zero_gradients(n_zero_grad, int(indices.size), name.upper())
+    stats = [shard[2][name] for shard in shards]
+    attacked = sum(s[0] for s in stats)
+    stage_times[name] = (min(s[2] for s in stats), max(s[3] for s in stats))
+    robust_accuracy[name] = float(np.mean((stage_fooled == -1) | (stage_fooled > stage)))
+    if checks and name in _GRADIENT_ATTACKS and attacked:
+      checks_lib.warn_zero_gradients(sum(s[1] for s in stats), attacked, name.upper())
     if verbose:
       print(f"  robust accuracy after {name.upper()}: {robust_accuracy[name]:.2%} "
-            f"({time.time() - start_time:.1f} s)")
+            f"({stage_times[name][1] - stage_times[name][0]:.1f} s)")
 
   if checks:
     checks_lib.check_black_box_gain(robust_accuracy)
     checks_lib.check_no_success(int(np.sum(clean_correct)),
                                 int(np.sum(clean_correct & ~robust)))
-  return AutoAttackResult(x_adv, robust, clean_correct, robust_accuracy, stage_fooled,
-                          ("clean",) + tuple(attacks), stage_times)
+  return AutoAttackResult(jnp.asarray(x_adv_host), robust, clean_correct, robust_accuracy,
+                          stage_fooled, ("clean",) + tuple(attacks), stage_times)
 
