@@ -6,6 +6,10 @@ the train step, the loop and evaluation sit around them (`train`, `evaluate`).
 
 __version__ = "0.1.0"
 
+# Before anything below can create a JAX backend (see xla_cpu's docstring).
+from fastadv_jax import xla_cpu  # pylint: disable=g-bad-import-order
+xla_cpu.add_cpu_defaults()
+
 from fastadv_jax import attacks
 from fastadv_jax import closures
 from fastadv_jax import metrics

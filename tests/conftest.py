@@ -13,6 +13,8 @@ if "xla_force_host_platform_device_count" not in _flags:
 
 import jax  # noqa: E402
 
+import fastadv_jax  # noqa: E402,F401  (its XLA:CPU defaults, before any backend exists)
+
 _CACHE = os.environ.get(
     "FASTADV_JAX_TEST_CACHE",
     os.path.join(os.path.expanduser("~"), ".cache", "fastadv_jax", "jax_test_cache"))

@@ -548,7 +548,10 @@ def test_elle_is_the_squared_linearity_violation(tiny32):
   np.testing.assert_allclose(r["joint"], r["expected"], rtol=1e-5)
   # No BatchNorm: one batch of 3B or three of B give the same losses.
   np.testing.assert_allclose(r["separate"], r["expected"], rtol=1e-5)
-  np.testing.assert_allclose(r["keyed"], r["expected"], rtol=1e-6)  # the same draws
+  # The same draws (other draws differ at O(1)). ELLE squares a difference of
+  # nearly equal losses (about 25x cancellation here), so the two programs'
+  # reduction orders (XLA's or YNNPACK's, fastadv_jax.xla_cpu) show at 1e-5.
+  np.testing.assert_allclose(r["keyed"], r["expected"], rtol=5e-5)
 
 
 def test_elle_is_zero_for_a_loss_linear_in_x():
