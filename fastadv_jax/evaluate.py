@@ -603,16 +603,16 @@ def _pgd_strict_correct(logits_fn, images, labels, key, *, eps, step, steps, res
               # The first timed chunk after compilation: seconds per point and step.
               rate = (time.perf_counter() - chunk_start) / (remaining.size * length)
               left = rate * remaining.size * (steps * restarts - (c + 1) * length)
-              bar.write(f"PGD-{steps}-{restarts} on {num} points: at most about "
-                        f"{aa_common.duration(left)} left (if no restart fools a point)")
+              bar.write(f"PGD-{steps}-{restarts} on {num} points: about "
+                        f"{aa_common.duration(left)} left if no restart fools a point")
         for rows, n, x, y, delta in parts:
           ok = np.asarray(_pgd_correct(tree, x, y, delta))[:n]
           robust[rows[:n][~ok]] = False
         if bar is not None and position == 0 and restart == 0 and restarts > 1:
           left = rate * int(robust.sum()) * steps * (restarts - 1)
           bar.write(f"PGD-{steps}-{restarts}: {int(robust.sum())} of {remaining.size} "
-                    f"points robust after the first restart; at most about "
-                    f"{aa_common.duration(left)} left")
+                    f"points robust after the first restart; about "
+                    f"{aa_common.duration(left)} left if they all stay robust")
     finally:
       if bar is not None:
         bar.close()

@@ -549,7 +549,8 @@ def test_autoattack_progress_bars(multiclass, capsys):
     assert f"{name} ({stage}/4)" in err
   # A run-time estimate after every stage but the last.
   for name in ("APGD-CE", "APGD-T", "FAB-T"):
-    assert re.search(rf"points robust after {name}; at most about \d+ s left", captured.out)
+    assert re.search(rf"points robust after {name}; about \d+ s left if they all stay "
+                     rf"robust", captured.out)
   assert "robust=" in err
   assert f"robust={int(result.robust.sum())}" in err
 

@@ -143,9 +143,9 @@ def test_strict_pgd_prints_a_run_time_estimate(setup, pgd_batch4, capsys):
                                 num_devices=1, progress=True, **PGD)
   np.testing.assert_array_equal(again.correct, pgd_batch4.correct)
   out = capsys.readouterr().out
-  assert re.search(r"PGD-5-2 on 10 points: at most about \d+ s left", out)
+  assert re.search(r"PGD-5-2 on 10 points: about \d+ s left if no restart fools a point", out)
   robust_after_first = re.search(r"PGD-5-2: (\d+) of (\d+) points robust after the first "
-                                 r"restart; at most about \d+ s left", out)
+                                 r"restart; about \d+ s left if they all stay robust", out)
   assert robust_after_first is not None
   assert int(robust_after_first[1]) >= pgd_batch4.correct.sum()
 

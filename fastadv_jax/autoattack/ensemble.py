@@ -323,13 +323,16 @@ def autoattack(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "linf"
       stats[name] = (int(indices.size), n_zero_grad, stage_start, time.perf_counter())
       if progress and position == 0 and indices.size and stage < len(attacks):
         # Seconds per point and gradient, as this stage ran (its compilation
-        # included): later stages at most their gradients on every point left.
+        # included), times the later stages' gradients on every point left: a
+        # rough bound (fewer points reach later stages; a Square query is
+        # counted as a third of a gradient).
         rate = (stats[name][3] - stage_start) / (indices.size * gradients[name])
         left = rate * int(np.sum(robust)) * sum(gradients[a] for a in attacks[stage:])
         share = f" (this device's {len(points)} of {num_points} points)" if len(
             devices) > 1 else ""
         _common.write(f"AutoAttack{share}: {int(np.sum(robust))} points robust after "
-                      f"{name.upper()}; at most about {_common.duration(left)} left")
+                      f"{name.upper()}; about {_common.duration(left)} left if they all "
+                      f"stay robust")
     return np.asarray(x_adv), fooled_at, stats
 
   shards = device_shards.run_on_devices(attack_shard, all_indices, devices)
