@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -253,11 +254,27 @@ class _Progress:
   def __init__(self, bar, robust_elsewhere: int):
     self.bar = bar
     self.robust_elsewhere = robust_elsewhere  # robust points outside the running batch
+    # For run-time estimates: when the first iterations ended (their compilation
+    # included) and how many iterations ran after them.
+    self.first_tick = None
+    self.ticks_after_first = 0
 
   def tick(self, n: int, wait_for=None) -> None:
     if wait_for is not None:
       jax.block_until_ready(wait_for)  # so the bar follows the computation
+    if self.first_tick is None:
+      self.first_tick = time.perf_counter()
+    else:
+      self.ticks_after_first += n
     self.bar.update(n)
+
+  def steady_seconds(self) -> Optional[float]:
+    """The stage's time without its first iterations (compilation), scaled to
+    all its iterations; None before two ticks."""
+    if self.first_tick is None or not self.ticks_after_first:
+      return None
+    per_iteration = (time.perf_counter() - self.first_tick) / self.ticks_after_first
+    return per_iteration * self.bar.total
 
   def robust(self, active_in_batch: int) -> None:
     self.bar.set_postfix(robust=self.robust_elsewhere + int(active_in_batch), refresh=False)

@@ -322,11 +322,15 @@ def autoattack(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "linf"
       jax.block_until_ready(x_adv)
       stats[name] = (int(indices.size), n_zero_grad, stage_start, time.perf_counter())
       if progress and position == 0 and indices.size and stage < len(attacks):
-        # Seconds per point and gradient, as this stage ran (its compilation
-        # included), times the later stages' gradients on every point left: a
-        # rough bound (fewer points reach later stages; a Square query is
-        # counted as a third of a gradient).
-        rate = (stats[name][3] - stage_start) / (indices.size * gradients[name])
+        # Seconds per point and gradient, as this stage ran (without its first
+        # iterations, which include compilation, where the bar saw later ones),
+        # times the later stages' gradients on every point left: rough (fewer
+        # points reach later stages; a Square query counts as a third of a
+        # gradient).
+        seconds = bar.steady_seconds() if bar is not None else None
+        if seconds is None:
+          seconds = stats[name][3] - stage_start
+        rate = seconds / (indices.size * gradients[name])
         left = rate * int(np.sum(robust)) * sum(gradients[a] for a in attacks[stage:])
         share = f" (this device's {len(points)} of {num_points} points)" if len(
             devices) > 1 else ""
