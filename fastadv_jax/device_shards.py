@@ -56,7 +56,7 @@ def split(points: np.ndarray, count: int) -> list[np.ndarray]:
 
 
 def run_on_devices(driver: Callable, points: np.ndarray, devices: Sequence) -> list:
-  """`[driver(shard, device, position) for each device]`, one thread per device.
+  """`[(shard, driver(shard, device, position)) for each device]`, a thread each.
 
   `points` (indices) are split with `split`; `driver` runs under
   `jax.default_device(device)` and receives its shard, its device and its
@@ -67,7 +67,7 @@ def run_on_devices(driver: Callable, points: np.ndarray, devices: Sequence) -> l
   points = np.asarray(points)
   if len(devices) == 1:
     with jax.default_device(devices[0]):
-      return [driver(points, devices[0], 0)]
+      return [(points, driver(points, devices[0], 0))]
   shards = split(points, len(devices))
   results: list = [None] * len(devices)
   errors: list = [None] * len(devices)
@@ -88,4 +88,4 @@ def run_on_devices(driver: Callable, points: np.ndarray, devices: Sequence) -> l
   for error in errors:
     if error is not None:
       raise error
-  return results
+  return list(zip(shards, results))

@@ -482,7 +482,7 @@ def pgd_accuracy(logits_fn, images, labels, key, *, eps: float, steps: int = 50,
   _checks.check_choice("restart rule", rule, RESTART_RULES)
   step = eps / 4 if step is None else step
   _checks.check_positive("step", step)
-  if rule == "strict" and not early_stop:
+  if _strict_driver(rule, early_stop):
     correct = _pgd_strict_correct(
         logits_fn, images, labels, key, eps=eps, step=step, steps=steps, restarts=restarts,
         loss=loss, batch_size=batch_size, example_ids=example_ids,
@@ -495,6 +495,11 @@ def pgd_accuracy(logits_fn, images, labels, key, *, eps: float, steps: int = 50,
       example_ids=example_ids, clean_correct=clean_correct, progress=progress,
       desc=f"PGD-{steps}-{restarts}")["pgd_acc"]
   return Accuracy(correct, float(np.mean(correct)))
+
+
+def _strict_driver(rule: str, early_stop: bool) -> bool:
+  """Whether `pgd_accuracy` runs `_pgd_strict_correct` (a driver per device)."""
+  return rule == "strict" and not early_stop
 
 
 @functools.partial(jax.jit, static_argnames=("restart",))
@@ -618,11 +623,10 @@ def _pgd_strict_correct(logits_fn, images, labels, key, *, eps, step, steps, res
         bar.close()
     return robust
 
-  all_points = np.arange(num)
   robust = np.empty(num, bool)
-  for points, shard in zip(device_shards.split(all_points, len(devices)),
-                           device_shards.run_on_devices(attack_shard, all_points, devices)):
-    robust[points] = shard
+  for points, shard_robust in device_shards.run_on_devices(attack_shard, np.arange(num),
+                                                           devices):
+    robust[points] = shard_robust
   return robust
 
 
@@ -1110,7 +1114,7 @@ def evaluate(logits_fn, test_images, test_labels, seed: int = 0, *,
                            "square_rescale_schedule", False),
                        "chunking": f"still-robust points in chunks of {batch_size}"}
   attack_time = time.time() - attack_start
-  driver_per_device = attack == "autoattack" or (rule == "strict" and not early_stop)
+  driver_per_device = attack == "autoattack" or _strict_driver(rule, early_stop)
   used_devices = (len(device_shards.resolve_devices(num_devices)) if driver_per_device else
                   jax.local_device_count() if num_devices is None else num_devices)
   versions = _versions()

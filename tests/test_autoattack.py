@@ -457,7 +457,8 @@ def test_chunking_and_compaction_do_not_change_results(multiclass, multiclass_re
   np.testing.assert_allclose(np.asarray(sub.x_adv), np.asarray(whole.x_adv)[ids], atol=1e-6)
 
 
-def test_devices_split_the_points_without_changing_results(multiclass, multiclass_result):
+def test_devices_split_the_points_without_changing_results(multiclass, multiclass_result,
+                                                           monkeypatch):
   """Three devices, one driver thread each on its share of the points: the same
   per-point result as one device, and the arrays of each share on its device."""
   from fastadv_jax import device_shards
@@ -472,13 +473,9 @@ def test_devices_split_the_points_without_changing_results(multiclass, multiclas
       return driver(shard, device, position)
     return run_on_devices(spying, points, devs)
 
-  device_shards.run_on_devices = recording
-  try:
-    split = aa.autoattack(model, x, y, KEY, eps=EPS, n_iter=N_ITER,
-                          n_target_classes=N_TARGETS, n_queries=N_QUERIES, batch_size=BATCH,
-                          num_devices=3)
-  finally:
-    device_shards.run_on_devices = run_on_devices
+  monkeypatch.setattr(device_shards, "run_on_devices", recording)
+  split = aa.autoattack(model, x, y, KEY, eps=EPS, n_iter=N_ITER, n_target_classes=N_TARGETS,
+                        n_queries=N_QUERIES, batch_size=BATCH, num_devices=3)
   assert sorted(str(d) for d, _ in seen) == sorted(str(d) for d in devices)
   assert all(placed == {device} for device, placed in seen)
   np.testing.assert_array_equal(split.stage_fooled, multiclass_result.stage_fooled)

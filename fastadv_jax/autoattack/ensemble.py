@@ -342,14 +342,13 @@ def autoattack(logits_fn: Callable, x, y, key, *, eps: float, norm: str = "linf"
   shards = device_shards.run_on_devices(attack_shard, all_indices, devices)
   x_adv_host = x_host.copy()
   stage_fooled = np.empty(num_points, np.int64)
-  for points, (shard_x_adv, shard_fooled, _) in zip(
-      device_shards.split(all_indices, len(devices)), shards):
+  for points, (shard_x_adv, shard_fooled, _) in shards:
     x_adv_host[points] = shard_x_adv
     stage_fooled[points] = shard_fooled
   robust = stage_fooled == -1
   stage_times = {}
   for stage, name in enumerate(attacks, start=1):
-    stats = [shard[2][name] for shard in shards]
+    stats = [shard_stats[name] for _, (_, _, shard_stats) in shards]
     attacked = sum(s[0] for s in stats)
     stage_times[name] = (min(s[2] for s in stats), max(s[3] for s in stats))
     robust_accuracy[name] = float(np.mean((stage_fooled == -1) | (stage_fooled > stage)))
