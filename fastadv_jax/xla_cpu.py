@@ -2,12 +2,13 @@
 
 `--xla_cpu_experimental_ynn_fusion_type=reduce` runs XLA:CPU's reductions
 (BatchNorm's batch statistics and their gradients, the losses' means) through
-YNNPACK. On a 2-core x86 CPU it made PreActResNet-18's FGSM train step 23-30%
-faster at batch 64 and 128, with the same memory, deterministic results and
-gradients as close to a float64 reference as XLA's own reductions
+YNNPACK. On a 2-core x86 CPU it made PreActResNet-18's FGSM train step at
+batch 64 22-25% faster (alternating runs), with the same memory, deterministic
+results and gradients as close to a float64 reference as XLA's own reductions
 (`benchmarks/README.md`, "XLA:CPU flags"); the single-layer CNN (no
-BatchNorm) is unchanged. The other fusion types (dot, eltwise) were not faster
-and raised the memory. The flag only concerns the CPU backend.
+BatchNorm) is unchanged. Adding the other fusion types (dot, eltwise) was
+slower than `reduce` alone, and eltwise raised the memory. The flag only
+concerns the CPU backend.
 
 XLA reads `XLA_FLAGS` once, when JAX first creates a backend, and stops the
 process on a flag it does not know; so the flag is added only
