@@ -84,6 +84,13 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 # The loop.
 
 
+# The console line's label of each evaluation metric (pgd_acc is labelled with
+# its step count). The accuracy at the FGSM point is in metrics.jsonl only.
+EVAL_LINE_LABELS = {"clean_acc": "clean", "fgsm_acc": "FGSM", "grad_alignment": "align",
+                    "cos_fgsm_pgd": "cos(FGSM,PGD)", "input_grad_l1": "IG",
+                    "hessian_top": "Hessian top"}
+
+
 class ArrayTrainData:
   """An in-memory training set (CIFAR-10/100, SVHN): one batch size throughout."""
 
@@ -595,8 +602,6 @@ class _Run:
 
   def eval_line(self, step: int, results: dict, monitor_state: str) -> str:
     """One compact console line per evaluation: epoch, accuracies, alignment, monitor."""
-    names = {"clean_acc": "clean", "fgsm_acc": "FGSM", "grad_alignment": "align",
-             "cos_fgsm_pgd": "cos(FGSM,PGD)"}
     parts = [f"epoch {self.fractional_epoch(step):g}"]
     for name, values in sorted(results.items()):
       settings = self.evals[name]
@@ -604,8 +609,8 @@ class _Run:
       for metric, value in values.items():
         if metric == "pgd_acc":
           label = f"PGD-{settings['pgd_steps']}"
-        elif metric in names:
-          label = names[metric]
+        elif metric in EVAL_LINE_LABELS:
+          label = EVAL_LINE_LABELS[metric]
         else:
           continue
         shown.append(f"{label} {value:.3f}")

@@ -490,3 +490,12 @@ def test_weight_decay_mask_spares_batchnorm_only_when_asked():
   assert "['fc']['bias']" not in spared
   everything = jax.tree_util.tree_leaves(train_state._decay_mask(params, decay_bn=True))
   assert all(everything)
+
+
+def test_every_metric_is_labelled_on_the_console_line():
+  """The per-evaluation console line names every metric an evaluation can ask
+  for (pgd_acc by its step count; the FGSM-point accuracy only in metrics.jsonl),
+  so a configured metric such as AdvLC's landscape metrics is never dropped."""
+  from fastadv_jax import evaluate  # pylint: disable=g-import-not-at-top
+  missing = set(evaluate.METRICS) - {"pgd_acc", "fgsm_point_acc"} - set(train.EVAL_LINE_LABELS)
+  assert not missing, f"metrics without a console label: {sorted(missing)}"
