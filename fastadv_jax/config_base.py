@@ -281,6 +281,9 @@ def validate_config(config, num_devices: int = 1):
   _choice("model.name", config.model.name, models.MODELS)
   _choice("dtype", config.dtype, DTYPES)
   _choice("parallel", config.parallel, train_state.PARALLEL_MODES)
+  # Builds the Linen module only (no parameters, nothing compiled): the
+  # registry checks model.kwargs here rather than after the data is loaded.
+  train_state.create_model(config)
   method = methods.build_method(config)
   _choice("optimizer.name", config.optimizer.name, OPTIMIZERS)
   _choice("schedule.name", config.schedule.name, schedules.SCHEDULES)

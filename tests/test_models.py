@@ -173,6 +173,33 @@ def test_bn_train_differs_from_eval_and_updates_with_torch_momentum(tiny_preact,
                              rtol=1e-4, atol=1e-6)
 
 
+def test_remat_is_the_same_function_and_gradients(tiny_preact, images):
+  """Recomputing the blocks in the backward pass changes neither the parameters
+  nor the train-mode logits, batch statistics, input or parameter gradients."""
+  model, variables = tiny_preact
+  remat_model = models.get_model("preact_resnet18", final_bn=True, remat=True, **TINY)
+  labels = jnp.arange(BATCH) % 10
+
+  def loss_and_grads(m):
+    def loss(params, x):
+      logits, state = m.apply({**variables, "params": params}, x, train=True,
+                              mutable=["batch_stats"])
+      ce = -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(BATCH), labels])
+      return ce, (logits, state)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+        variables["params"], images)
+
+  (_, (logits, state)), grads = loss_and_grads(model)
+  (_, (logits_r, state_r)), grads_r = loss_and_grads(remat_model)
+  assert (jax.tree_util.tree_structure(models.abstract_variables(remat_model, (32, 32, 3)))
+          == jax.tree_util.tree_structure(variables))
+  np.testing.assert_allclose(logits_r, logits, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves((state_r, grads_r)),
+                  jax.tree_util.tree_leaves((state, grads))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert float(jnp.max(jnp.abs(grads[1]))) > 0  # the input gradient is not trivially zero
+
+
 def test_bfloat16_compute_keeps_float32_params(tiny_preact, images):
   model32, variables = tiny_preact
   model16 = models.get_model("preact_resnet18", final_bn=True, dtype=jnp.bfloat16, **TINY)
@@ -250,6 +277,7 @@ def test_unknown_name_lists_the_choices():
     ("preact_resnet18", dict(mean=(0.5, 0.5, 0.5)), "std"),
     ("preact_resnet18", dict(widths=(8, 16)), "stage_sizes"),
     ("preact_resnet18", dict(filters=3), "Unknown keyword"),
+    ("preact_resnet18", dict(remat="yes"), "remat"),
     ("simple_cnn", dict(filters=0), "filters"),
     ("wide_resnet", dict(depth=30), "depth"),
     ("wrn34_10", dict(depth=28), "depth"),

@@ -160,6 +160,7 @@ BAD_SETTINGS = [
      r"Unknown co_monitor.adjust setting 'attack/q'"),
     ("gradalign", {"best.eval": "tset"}, r"Unknown best.eval 'tset'. Did you mean 'test'"),
     ("gradalign", {"evals.test.metrics": ["pgd_accuracy"]}, "pgd_accuracy"),
+    ("fgsm", {"model.kwargs": {"remat": "yes"}}, r"Unknown remat 'yes'"),
 ]
 
 

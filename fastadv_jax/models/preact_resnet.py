@@ -86,6 +86,11 @@ class PreActResNet(nn.Module):
       [0, 1]; None for none.
     dtype: compute dtype (e.g. jnp.bfloat16); parameters and the returned
       logits are float32.
+    remat: recompute each block's activations in the backward pass (`nn.remat`,
+      only the block inputs kept). The same function and parameters. On a
+      2-core CPU it made PreActResNet-18's single-step train steps (FGSM,
+      FGSM-RS, ...) faster and GradAlign's double backprop slower
+      (benchmarks/README.md, "Rematerialization").
   """
   num_classes: int = 10
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
@@ -96,6 +101,7 @@ class PreActResNet(nn.Module):
   mean: Optional[Sequence[float]] = None
   std: Optional[Sequence[float]] = None
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -109,10 +115,12 @@ class PreActResNet(nn.Module):
     x = common.normalize(x, self.mean, self.std, self.dtype)
     x = common.conv(self.widths[0], 3, 1, padding=1, in_features=x.shape[-1],
                     init=self.init_scheme, dtype=self.dtype, name="conv1")(x)
+    # `train` (argument 2, counting the module) decides Python control flow.
+    block_cls = nn.remat(PreActBlock, static_argnums=(2,)) if self.remat else PreActBlock
     for stage, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for block in range(num_blocks):
         stride = (1 if stage == 0 else 2) if block == 0 else 1
-        x = PreActBlock(width, stride, shortcut=self.shortcut, init_scheme=self.init_scheme,
+        x = block_cls(width, stride, shortcut=self.shortcut, init_scheme=self.init_scheme,
                         dtype=self.dtype, name=f"layer{stage + 1}_{block}")(x, train)
     if self.final_bn:
       x = nn.relu(common.batch_norm(train, dtype=self.dtype, name="bn")(x))

@@ -57,7 +57,8 @@ def preact_resnet18(*, num_classes: int = 10, dtype: Any = jnp.float32,
                     init: str = "he_fan_out", mean: Optional[Sequence[float]] = None,
                     std: Optional[Sequence[float]] = None,
                     widths: Sequence[int] = (64, 128, 256, 512),
-                    stage_sizes: Sequence[int] = (2, 2, 2, 2)) -> PreActResNet:
+                    stage_sizes: Sequence[int] = (2, 2, 2, 2),
+                    remat: bool = False) -> PreActResNet:
   """PreActResNet-18; the defaults are the GradAlign code's variant.
 
   Args:
@@ -69,16 +70,19 @@ def preact_resnet18(*, num_classes: int = 10, dtype: Any = jnp.float32,
     init: "torch" (PyTorch default) or "he_fan_out" (GradAlign).
     mean, std: per-channel normalization inside the model, or None.
     widths, stage_sizes: channels and blocks per stage (tiny test models).
+    remat: recompute each block's activations in the backward pass (see
+      `PreActResNet.remat`; a speed setting, the function is the same).
   Returns:
     A `PreActResNet` module.
   """
   _check_common(num_classes, dtype, init, mean, std)
   _checks.check_choice("shortcut", shortcut, SHORTCUTS)
   _check_stages(stage_sizes, widths)
+  _checks.check_choice("remat", remat, (False, True))
   return PreActResNet(num_classes=int(num_classes), stage_sizes=tuple(map(int, stage_sizes)),
                       widths=tuple(map(int, widths)), final_bn=bool(final_bn),
                       shortcut=shortcut, init_scheme=init, mean=_tuple(mean), std=_tuple(std),
-                      dtype=dtype)
+                      dtype=dtype, remat=bool(remat))
 
 
 def _preset(base: Callable[..., nn.Module], doc: str, **preset_kwargs) -> Callable[..., nn.Module]:
