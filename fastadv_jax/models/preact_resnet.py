@@ -121,7 +121,7 @@ class PreActResNet(nn.Module):
       for block in range(num_blocks):
         stride = (1 if stage == 0 else 2) if block == 0 else 1
         x = block_cls(width, stride, shortcut=self.shortcut, init_scheme=self.init_scheme,
-                        dtype=self.dtype, name=f"layer{stage + 1}_{block}")(x, train)
+                      dtype=self.dtype, name=f"layer{stage + 1}_{block}")(x, train)
     if self.final_bn:
       x = nn.relu(common.batch_norm(train, dtype=self.dtype, name="bn")(x))
     x = common.global_avg_pool(x)
