@@ -27,18 +27,10 @@ import sys
 import time
 
 
-def _preparse_threads(argv):
-  """--threads must act before JAX starts: XLA reads its flags at backend init."""
-  pre = argparse.ArgumentParser(add_help=False)
-  pre.add_argument("--threads", type=int, default=1)
-  known, _ = pre.parse_known_args(argv)
-  if known.threads == 1:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
-                               "intra_op_parallelism_threads=1").strip()
-  return known.threads
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import xla_threads  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-
-THREADS = _preparse_threads(sys.argv[1:]) if __name__ == "__main__" else 0
+THREADS = xla_threads.preparse_threads(sys.argv[1:]) if __name__ == "__main__" else 0
 
 import fastadv_jax  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position

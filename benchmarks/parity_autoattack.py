@@ -64,21 +64,12 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "torch_reference"))  # torch_models
 sys.path.insert(0, os.path.dirname(HERE))  # fastadv_jax from a checkout
+sys.path.insert(0, HERE)  # xla_threads
 
 
-def _preparse_threads(argv):
-  """--threads must act before JAX starts: XLA reads its flags at backend init."""
-  pre = argparse.ArgumentParser(add_help=False)
-  pre.add_argument("--threads", type=int, default=1)
-  known, _ = pre.parse_known_args(argv)
-  if known.threads == 1:
-    flags = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false "
-                               "intra_op_parallelism_threads=1").strip()
-  return known.threads
+import xla_threads  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-
-THREADS = _preparse_threads(sys.argv[1:]) if __name__ == "__main__" else 0
+THREADS = xla_threads.preparse_threads(sys.argv[1:]) if __name__ == "__main__" else 0
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

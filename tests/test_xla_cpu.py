@@ -48,7 +48,6 @@ def test_not_once_a_backend_exists_or_for_an_unmeasured_jaxlib(monkeypatch):
     assert xla_cpu.add_cpu_defaults({}) == []
 
 
-
 def test_a_backend_is_detected():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   jnp.zeros(()).block_until_ready()
