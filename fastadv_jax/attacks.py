@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastadv_jax import _checks
+from fastadv_jax import _checks, xla_cpu
 
 Array = jax.Array
 LossClosure = Callable[[Array], Array]
@@ -694,9 +694,10 @@ def pgd(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
     keep_best: report each restart's best iterate.
     norm: "linf" or "l2".
     unroll: `lax.fori_loop`'s unroll of the step loop. None: fully unrolled on
-      the CPU backend for steps <= 10 (XLA's CPU convolutions run several times
-      slower inside a loop body, jax-ml/jax#12868: PGD-10 training steps went
-      from 14 s to about 5 s), a rolled loop otherwise.
+      the CPU backend for steps <= 10 when the loss gradient convolves (XLA's
+      CPU convolutions run several times slower inside a loop body,
+      jax-ml/jax#12868: PGD-10 training steps went from 14 s to about 5 s;
+      `xla_cpu.unroll_loop`), a rolled loop otherwise.
     delta_init: optional start, same shape as x.
     clip_init_to_box: project the start onto the box.
     box_grad: the gradient rule through `clamp(X + delta, 0, 1)`
@@ -743,8 +744,6 @@ def pgd(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
   if restarts > 1:
     _require_aux(loss_fn, f"pgd(restarts={restarts}) (per-example restart selection)")
   use_aux = early_stop or keep_best or restarts > 1
-  if unroll is None:
-    unroll = bool(jax.default_backend() == "cpu" and steps <= 10) or 1
 
   x = _as_float32(x)
   dtype = x.dtype
@@ -789,6 +788,8 @@ def pgd(loss_fn: LossClosure, x: Array, key: Array | None = None, *, eps: Any,
     grad = boundary_input_grad(loss_fn, x, delta, box_grad)
     return grad, None, None
 
+  if unroll is None:
+    unroll = bool(steps <= 10 and xla_cpu.unroll_loop(evaluate, x)) or 1
   record = restarts == 1 and steps > 0
 
   def run_restart(restart_key, r=0):

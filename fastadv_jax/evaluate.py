@@ -519,7 +519,7 @@ def _pgd_steps(logits_fn, x, y, delta, eps, step, *, loss, length):
   def one(xe, ye, de):
     out = attacks_lib.pgd(closures.loss_fn(loss, logits_fn, ye[None]), xe[None], None,
                           eps=eps, step=step, steps=length, random_start=False,
-                          delta_init=de[None], unroll=True)
+                          delta_init=de[None])
     return out.delta[0]
   return jax.vmap(one)(_to_float_images(x), y, delta)
 
@@ -539,11 +539,11 @@ def _pgd_strict_correct(logits_fn, images, labels, key, *, eps, step, steps, res
   differently: under the strict rule a point is robust only if no restart
   fools it, so each restart runs only on the points no earlier restart fooled,
   in batches of at most the evaluation's batch shape padded to a bucketed size
-  (`autoattack._common.bucket_size`), and the steps run in compiled chunks of
-  unrolled steps (XLA:CPU runs convolution gradients inside loop bodies about
-  2x slower, jax-ml/jax#12868). Results equal the generic engine's. With
-  several devices the points are split between them, one driver thread per
-  device (`fastadv_jax.device_shards`).
+  (`autoattack._common.bucket_size`), and the steps run in compiled chunks,
+  unrolled when they convolve (XLA:CPU runs convolution gradients inside loop
+  bodies about 2x slower, jax-ml/jax#12868). Results equal the generic
+  engine's. With several devices the points are split between them, one
+  driver thread per device (`fastadv_jax.device_shards`).
   """
   from fastadv_jax.autoattack import _common as aa_common  # pylint: disable=g-import-not-at-top
   devices = device_shards.resolve_devices(num_devices)
@@ -565,7 +565,7 @@ def _pgd_strict_correct(logits_fn, images, labels, key, *, eps, step, steps, res
   tree = closures.as_pytree(logits_fn)
   images = np.asarray(images)
   labels = np.asarray(labels, np.int32)
-  chunks, _ = aa_common.loop_chunks(steps)
+  chunks = aa_common.loop_chunks(steps)
 
   def attack_shard(points, device, position):
     """The restarts on `points` (indices) on `device`: their robust correctness."""

@@ -1,4 +1,5 @@
-"""XLA:CPU settings this library turns on when it is imported first.
+"""XLA:CPU settings this library turns on when it is imported first, and the
+rule for unrolling the attacks' loops on CPU (`unroll_loop`).
 
 `--xla_cpu_experimental_ynn_fusion_type=reduce` runs XLA:CPU's reductions
 (BatchNorm's batch statistics and their gradients, the losses' means) through
@@ -64,3 +65,34 @@ def add_cpu_defaults(environ=None) -> list[str]:
   if added:
     environ["XLA_FLAGS"] = " ".join([current] + added).strip()
   return added
+
+
+# Loops. XLA:CPU runs a convolution's input gradient inside a while-loop body
+# 2-2.5x slower than the same computation at the top level of a program
+# (jax-ml/jax#12868), so the attacks unroll their short loops on CPU, but only
+# when the loop body convolves: a model whose input gradient has no XLA
+# convolution left (an im2col stem, `models.common.image_conv`) ran 100
+# APGD-CE iterations 2x faster rolled than unrolled (0.30 vs 0.64 s, batch 96,
+# benchmarks/README_parity.md).
+
+
+def _has_convolution(jaxpr) -> bool:
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      return True
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else (param,):
+        inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+        if hasattr(inner, "eqns") and _has_convolution(inner):
+          return True
+  return False
+
+
+def unroll_loop(body, *args) -> bool:
+  """Whether a short loop of `body(*args)` runs faster unrolled: on the CPU
+  backend when `body` (traced on the shapes of `args`, nothing is computed)
+  has a convolution, see above."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() != "cpu":
+    return False
+  return _has_convolution(jax.make_jaxpr(body)(*args).jaxpr)

@@ -22,7 +22,7 @@ from jax.tree_util import Partial
 
 from fastadv_jax import autoattack as aa
 from fastadv_jax import closures
-from fastadv_jax.autoattack import _apgd, checks
+from fastadv_jax.autoattack import _apgd, _fab, checks
 
 SHAPE = (4, 4, 3)
 DIM = int(np.prod(SHAPE))
@@ -340,6 +340,39 @@ def test_attack_loops_do_not_recompile(binary):
   aa.apgd(model, x, y, jax.random.key(7), eps=0.03, n_iter=N_ITER, mask=y == 0)
   aa.apgd(model, jnp.asarray(x), jnp.asarray(y), KEY, eps=jnp.float32(0.02), n_iter=N_ITER)
   assert _apgd._apgd_chunk._cache_size() == before
+
+
+def test_rolled_and_unrolled_loops_give_the_same_attack(multiclass, monkeypatch):
+  """APGD and FAB on a convolutional model: their chunks unrolled or rolled
+  (`xla_cpu.unroll_loop`) give the same attack."""
+  from fastadv_jax import models, xla_cpu  # pylint: disable=g-import-not-at-top
+  _, _, _, x, y = multiclass
+  model = models.get_model("simple_cnn", filters=4, num_classes=NUM_CLASSES)
+  logits_fn = closures.eval_logits_fn(model, models.init_variables(model, KEY, SHAPE))
+  attacks = lambda: (aa.apgd(logits_fn, x, y, KEY, eps=EPS, n_iter=N_ITER),
+                     aa.fab_targeted(logits_fn, x, y, KEY, eps=EPS, n_iter=N_ITER,
+                                     n_target_classes=1))
+  chunks = (_apgd._apgd_chunk, _fab._fab_chunk)
+  decisions = []
+
+  def decide(decision):
+    def unroll_loop(body, *args):
+      decisions.append(decision)
+      return decision
+    monkeypatch.setattr(xla_cpu, "unroll_loop", unroll_loop)
+    for chunk in chunks:  # the decision is taken when a chunk is traced
+      chunk.clear_cache()
+
+  decide(True)
+  unrolled = attacks()
+  decide(False)
+  rolled = attacks()
+  for chunk in chunks:
+    chunk.clear_cache()
+  assert True in decisions and False in decisions
+  for got, want in zip(rolled, unrolled):
+    np.testing.assert_array_equal(got.fooled, want.fooled)
+    np.testing.assert_allclose(got.x_adv, want.x_adv, atol=1e-6)
 
 
 def test_apgd_is_traceable_under_jit(binary):

@@ -4,6 +4,8 @@ Large models are only traced (jax.eval_shape); the tiny ones run eagerly on a
 batch of 4.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,6 +173,54 @@ def test_bn_train_differs_from_eval_and_updates_with_torch_momentum(tiny_preact,
                              rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(new["var"], 0.9 * old["var"] + 0.1 * batch_var,
                              rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("stride, pad", [(1, 1), (2, 1), (1, 0)])
+def test_image_conv_matches_xla_convolution_to_second_order(stride, pad):
+  """im2col (`common.image_conv`) against `lax.conv_general_dilated`: the value,
+  both gradients, a forward-mode derivative, and the parameter gradient of an
+  input-gradient penalty (GradAlign's double backprop)."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.uniform(size=(3, 8, 8, 3)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
+  strides, padding = (stride, stride), ((pad, pad), (pad, pad))
+
+  def conv_fns(conv):
+    f = lambda x, k: jnp.sum(jnp.sin(conv(x, k, strides, padding)))
+    penalty = lambda k: jnp.sum(jax.grad(f)(x, k) ** 2)
+    along_x = lambda k: jax.jvp(lambda z: f(z, k), (x,), (x,))[1]
+    return (f(x, kernel), *jax.grad(f, argnums=(0, 1))(x, kernel),
+            jax.grad(penalty)(kernel), jax.grad(along_x)(kernel))
+
+  got = conv_fns(common.image_conv)
+  want = conv_fns(lambda x, k, s, p: jax.lax.conv_general_dilated(
+      x, k, s, p, dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(b))))
+
+
+def test_im2col_stem_is_the_same_model(images):
+  """`im2col_stem` changes how the stem convolution is computed, nothing else;
+  the evaluation model sets it on CPU."""
+  from fastadv_jax import config_base, train_state  # pylint: disable=g-import-not-at-top
+  model = models.get_model("simple_cnn", filters=4)
+  variables = random_variables(model, seed=2)
+  im2col = model.clone(im2col_stem=True)
+  labels = jnp.arange(BATCH) % 10
+
+  def input_grad(m):
+    loss = lambda x: -jnp.mean(jax.nn.log_softmax(m.apply(variables, x))[jnp.arange(BATCH),
+                                                                       labels])
+    return jax.jit(jax.grad(loss))(images)
+
+  np.testing.assert_allclose(apply_eval(im2col, variables, images),
+                             apply_eval(model, variables, images), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(input_grad(im2col), input_grad(model), rtol=1e-4, atol=1e-7)
+  config = config_base.load_config_file(
+      os.path.join(os.path.dirname(__file__), "..", "configs", "cifar10.py"), "cnn_fgsm")
+  assert train_state.create_model(config, evaluation=True).im2col_stem == (
+      jax.default_backend() == "cpu")
+  assert not train_state.create_model(config).im2col_stem
 
 
 def test_remat_is_the_same_function_and_gradients(tiny_preact, images):

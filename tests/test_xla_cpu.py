@@ -52,3 +52,25 @@ def test_a_backend_is_detected():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   jnp.zeros(()).block_until_ready()
   assert xla_cpu._backend_exists()  # pylint: disable=protected-access
+
+
+def test_loops_are_unrolled_where_they_convolve():
+  """`unroll_loop`: on CPU, a loop whose body has an XLA convolution (also
+  nested in a jit or a custom_jvp) is unrolled; a body without one, such as
+  the input gradient of the im2col convolution, stays a rolled loop."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from fastadv_jax.models import common  # pylint: disable=g-import-not-at-top
+  x, kernel = jnp.ones((2, 6, 6, 3)), jnp.ones((3, 3, 3, 4))
+  padding = ((1, 1), (1, 1))
+  xla = jax.jit(lambda z: jax.lax.conv_general_dilated(
+      z, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  input_grad = lambda conv: jax.grad(lambda z: jnp.sum(jnp.sin(conv(z))))
+  on_cpu = jax.default_backend() == "cpu"
+  assert xla_cpu.unroll_loop(input_grad(xla), x) == on_cpu
+  assert not xla_cpu.unroll_loop(input_grad(
+      lambda z: common.image_conv(z, kernel, (1, 1), padding)), x)
+  assert not xla_cpu.unroll_loop(lambda z: jnp.tanh(z) @ jnp.ones((3, 3)), x)
+  # The kernel tangent of image_conv is XLA's convolution.
+  assert xla_cpu.unroll_loop(jax.grad(lambda k: jnp.sum(
+      common.image_conv(x, k, (1, 1), padding))), kernel) == on_cpu

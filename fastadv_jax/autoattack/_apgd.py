@@ -159,9 +159,9 @@ def _apgd_init(fn, x, y, target, x_start, key, eps, *, loss, n_iter, eot_iter, s
 
 
 @functools.partial(jax.jit, static_argnames=("norm", "loss", "n_iter", "eot_iter", "stochastic",
-                                             "length", "unrolled"))
+                                             "length"))
 def _apgd_chunk(fn, x, y, target, key, eps, rho, state, i0, *, norm, loss, n_iter, eot_iter,
-                stochastic, length, unrolled):
+                stochastic, length):
   """Iterations i0 .. i0 + length - 1 of an APGD run (Alg. 1 of Croce & Hein 2020)."""
   eps = jnp.asarray(eps, jnp.float32)
   is_checkpoint, ks = checkpoint_schedule(n_iter)
@@ -223,7 +223,7 @@ def _apgd_chunk(fn, x, y, target, key, eps, rho, state, i0, *, norm, loss, n_ite
                                      s["reduced_last_check"]),
     )
 
-  return _common.iterate(body, state, i0, length, unrolled)
+  return _common.iterate(body, state, i0, length)
 
 
 def _apgd_run(fn, x, y, target, x_start, key, eps, rho, *, norm, loss, n_iter, eot_iter,
@@ -242,10 +242,10 @@ def _apgd_run(fn, x, y, target, x_start, key, eps, rho, *, norm, loss, n_iter, e
   """
   statics = dict(loss=loss, n_iter=n_iter, eot_iter=eot_iter, stochastic=stochastic)
   state, degenerate_grad = _apgd_init(fn, x, y, target, x_start, key, eps, **statics)
-  chunks, unrolled = _common.loop_chunks(n_iter)
+  chunks = _common.loop_chunks(n_iter)
   for i0, length in chunks:
     state = _apgd_chunk(fn, x, y, target, key, eps, rho, state, jnp.int32(i0), norm=norm,
-                        length=length, unrolled=unrolled, **statics)
+                        length=length, **statics)
     _common.tick(length, wait_for=state["robust"])
   return (state["x_best_adv"], state["robust"], state["loss_best"], state["x_best"],
           degenerate_grad, state["step_size"])

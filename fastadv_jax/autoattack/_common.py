@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastadv_jax import _checks, attacks, closures
+from fastadv_jax import _checks, attacks, closures, xla_cpu
 
 Array = jax.Array
 
@@ -134,34 +134,35 @@ def row_normal(keys: Array, shape: tuple) -> Array:
 # transposed kernel is not canonicalized for the Eigen kernel there; see
 # jax-ml/jax#12868; measured on the single-layer CNN: 0.20 vs 0.09 ms per
 # example and iteration). The gradient attacks therefore run their iterations
-# in chunks of `UNROLL` unrolled iterations, one compiled chunk called from a
-# Python loop (asynchronous dispatch: the state stays on the device and the
-# host never waits between chunks). 5 rather than 10: the same speed (APGD,
-# 64 rows, 100 iterations: 0.88 s either way, 1.0 s with 1) and 1.4 s less
-# compilation per batch shape. On other backends one call runs the whole loop
+# in chunks of `UNROLL` iterations, one compiled chunk called from a Python
+# loop (asynchronous dispatch: the state stays on the device and the host
+# never waits between chunks), unrolled when the iteration convolves
+# (`xla_cpu.unroll_loop`). 5 rather than 10: the same speed (APGD, 64 rows,
+# 100 iterations: 0.88 s either way, 1.0 s with 1) and 1.4 s less compilation
+# per batch shape. On other backends one call runs the whole loop
 # (`lax.fori_loop`).
 
 UNROLL = 5
 
 
-def loop_chunks(n_iter: int) -> tuple[list[tuple[int, int]], bool]:
-  """([(first iteration, length), ...], unrolled?) for an `n_iter`-iteration loop.
+def loop_chunks(n_iter: int) -> list[tuple[int, int]]:
+  """[(first iteration, length), ...] for an `n_iter`-iteration loop.
 
-  CPU: chunks of `UNROLL` unrolled iterations and one shorter remainder (at
-  most two compiled lengths); other backends: one rolled loop.
+  CPU: chunks of `UNROLL` iterations and one shorter remainder (at most two
+  compiled lengths); other backends: one chunk.
   """
   if jax.default_backend() != "cpu":
-    return [(0, n_iter)], False
-  chunks = [(i0, min(UNROLL, n_iter - i0)) for i0 in range(0, n_iter, UNROLL)]
-  return chunks, True
+    return [(0, n_iter)]
+  return [(i0, min(UNROLL, n_iter - i0)) for i0 in range(0, n_iter, UNROLL)]
 
 
-def iterate(body: Callable, state, i0, length: int, unrolled: bool):
+def iterate(body: Callable, state, i0, length: int):
   """`length` iterations `state = body(i, state)` for i = i0, i0 + 1, ...
 
-  Call inside a jitted function: unrolled (`unrolled`) or as a `fori_loop`.
+  Call inside a jitted function: unrolled where `xla_cpu.unroll_loop` says
+  so, a `fori_loop` otherwise.
   """
-  if unrolled:
+  if xla_cpu.unroll_loop(body, i0, state):
     for j in range(length):
       state = body(i0 + j, state)
     return state

@@ -118,9 +118,8 @@ def _random_start(x, keys, eps):
   return jnp.clip(x + 0.5 * jnp.asarray(eps, jnp.float32) * t, 0.0, 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("stochastic", "length", "unrolled"))
-def _fab_chunk(fn, x, y, target, key, alpha_max, eta, beta, state, i0, *, stochastic, length,
-               unrolled):
+@functools.partial(jax.jit, static_argnames=("stochastic", "length"))
+def _fab_chunk(fn, x, y, target, key, alpha_max, eta, beta, state, i0, *, stochastic, length):
   """FAB-T iterations i0 .. i0 + length - 1 on the whole batch (state: x1, x_best, distance)."""
   batch = x.shape[0]
   x0 = x.reshape(batch, -1)
@@ -157,7 +156,7 @@ def _fab_chunk(fn, x, y, target, key, alpha_max, eta, beta, state, i0, *, stocha
     x1 = jnp.where(is_adv[:, None], x0 + (x1 - x0) * beta, x1)
     return x1, x_best, distance
 
-  return _common.iterate(body, state, i0, length, unrolled)
+  return _common.iterate(body, state, i0, length)
 
 
 def _fab_targeted_run(fn, x, y, target, x_start, key, alpha_max, eta, beta, *, n_iter,
@@ -173,10 +172,10 @@ def _fab_targeted_run(fn, x, y, target, x_start, key, alpha_max, eta, beta, *, n
   batch = x.shape[0]
   state = (x_start.reshape(batch, -1), x.reshape(batch, -1),
            jnp.full((batch,), _NO_ADVERSARIAL, jnp.float32))
-  chunks, unrolled = _common.loop_chunks(n_iter)
+  chunks = _common.loop_chunks(n_iter)
   for i0, length in chunks:
     state = _fab_chunk(fn, x, y, target, key, alpha_max, eta, beta, state, jnp.int32(i0),
-                       stochastic=stochastic, length=length, unrolled=unrolled)
+                       stochastic=stochastic, length=length)
     _common.tick(length, wait_for=state[2])
   _, x_best, distance = state
   return x_best.reshape(x.shape), distance

@@ -17,12 +17,14 @@ conventions where they matter for reproducing published numbers:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from fastadv_jax import _checks
 
@@ -104,17 +106,112 @@ def check_init(init: str) -> None:
   _checks.check_choice("init", init, INITS)
 
 
+# Input channels up to which `conv(..., im2col=True)` runs as patches x matrix
+# (the image convolution, 3 channels in). XLA:CPU's own convolution is slow for
+# so few input channels: on a 2-core CPU the single-layer CNN's forward pass
+# and input gradient ran 1.3-2.6x faster as im2col, its weight gradient and
+# GradAlign's double backprop slower (benchmarks/bench_input_conv.py,
+# benchmarks/README_parity.md); hence the mixed rule of `image_conv`, and its
+# use only in the evaluation models (`train_state.create_model`).
+IM2COL_MAX_IN_FEATURES = 4
+
+
+def _patches(x, kernel_hw, strides, padding):
+  """(B, H', W', kh*kw*C): the kh*kw shifted (strided) views of the padded x."""
+  (kh, kw), (sh, sw) = kernel_hw, strides
+  x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  out_h = (x.shape[1] - kh) // sh + 1
+  out_w = (x.shape[2] - kw) // sw + 1
+  # Stacked on a new axis, not concatenated along channels: the same array,
+  # but XLA:CPU then writes it in one pass; concatenated, each view was its own
+  # fusion and copied again, and inside the Square attack's loop 100 queries
+  # took 0.48 s instead of 0.30 s, 100 APGD-CE iterations 0.31 s instead of
+  # 0.20 s (batch 96 and 48, 16 filters).
+  views = jnp.stack([x[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw, :]
+                     for i in range(kh) for j in range(kw)], axis=3)
+  return views.reshape(views.shape[:3] + (-1,))
+
+
+def _im2col_conv(x, kernel, strides, padding):
+  kh, kw, c, f = kernel.shape
+  return jnp.dot(_patches(x, (kh, kw), strides, padding), kernel.reshape(kh * kw * c, f))
+
+
+def _xla_conv(x, kernel, strides, padding):
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def image_conv(x, kernel, strides, padding):
+  """`lax.conv_general_dilated` (NHWC, HWIO, explicit padding), computed for
+  inputs with few channels as im2col in the forward pass and in the input
+  tangent, and as XLA's convolution in the kernel tangent (whose transpose is
+  the weight gradient). The same function to float rounding, differentiable in
+  both modes and to any order.
+  """
+  return _im2col_conv(x, kernel, strides, padding)
+
+
+def _image_conv_jvp(strides, padding, primals, tangents):
+  x, kernel = primals
+  x_dot, kernel_dot = tangents
+  out = _im2col_conv(x, kernel, strides, padding)
+  tangent = None
+  if not isinstance(x_dot, SymbolicZero):
+    tangent = _im2col_conv(x_dot, kernel, strides, padding)
+  if not isinstance(kernel_dot, SymbolicZero):
+    from_kernel = _xla_conv(x, kernel_dot, strides, padding)
+    tangent = from_kernel if tangent is None else tangent + from_kernel
+  if tangent is None:
+    tangent = jnp.zeros_like(out)
+  return out, tangent
+
+
+image_conv.defjvp(_image_conv_jvp, symbolic_zeros=True)
+
+
+class _ImageConv:
+  """Flax `conv_general_dilated_cls` running `image_conv` where it applies
+  (no dilation, no groups, explicit padding, the NHWC/HWIO layout Flax uses),
+  `lax.conv_general_dilated` otherwise."""
+
+  def __call__(self, lhs, rhs, window_strides, padding, *, lhs_dilation=None,
+               rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+               precision=None):
+    nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    plain = (lhs.ndim == 4 and not isinstance(padding, str) and feature_group_count == 1
+             and all(d == 1 for d in (lhs_dilation or (1, 1)))
+             and all(d == 1 for d in (rhs_dilation or (1, 1)))
+             and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
+                                                dimension_numbers) == nhwc
+             and precision is None)
+    if not plain:
+      return jax.lax.conv_general_dilated(
+          lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+          rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+          feature_group_count=feature_group_count, precision=precision)
+    return image_conv(lhs, rhs, tuple(window_strides),
+                      tuple(tuple(int(p) for p in pair) for pair in padding))
+
+
 def conv(features: int, kernel: int, stride: int = 1, *, padding: int,
          in_features: int, init: str, use_bias: bool = False, dtype: Any = jnp.float32,
-         name: Optional[str] = None) -> nn.Conv:
-  """A Conv with PyTorch's symmetric zero padding and the chosen init scheme."""
+         im2col: bool = False, name: Optional[str] = None) -> nn.Conv:
+  """A Conv with PyTorch's symmetric zero padding and the chosen init scheme.
+
+  With `im2col` and at most `IM2COL_MAX_IN_FEATURES` input channels it runs
+  through `image_conv` (the same parameters and function).
+  """
   scheme = INITS[init]
   bias_init = (torch_default_bias_init(in_features * kernel * kernel)
                if scheme.conv_bias_torch else nn.initializers.zeros_init())
+  use_im2col = im2col and in_features <= IM2COL_MAX_IN_FEATURES
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((padding, padding), (padding, padding)), use_bias=use_bias,
                  kernel_init=scheme.conv_kernel(), bias_init=bias_init,
-                 dtype=dtype, param_dtype=jnp.float32, name=name)
+                 dtype=dtype, param_dtype=jnp.float32, name=name,
+                 conv_general_dilated_cls=_ImageConv if use_im2col else None)
 
 
 def dense(features: int, *, in_features: int, init: str, dtype: Any = jnp.float32,

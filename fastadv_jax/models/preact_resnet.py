@@ -91,6 +91,10 @@ class PreActResNet(nn.Module):
       2-core CPU it made PreActResNet-18's single-step train steps (FGSM,
       FGSM-RS, ...) faster and GradAlign's double backprop slower
       (benchmarks/README.md, "Rematerialization").
+    im2col_stem: compute the stem convolution (the image) as im2col
+      (`common.image_conv`): the same function and parameters, faster input
+      gradients on CPU, slower double backprop; the evaluation models set it
+      on CPU (`train_state.create_model`).
   """
   num_classes: int = 10
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
@@ -101,6 +105,7 @@ class PreActResNet(nn.Module):
   mean: Optional[Sequence[float]] = None
   std: Optional[Sequence[float]] = None
   dtype: Any = jnp.float32
+  im2col_stem: bool = False
   remat: bool = False
 
   @nn.compact
@@ -114,7 +119,8 @@ class PreActResNet(nn.Module):
     """
     x = common.normalize(x, self.mean, self.std, self.dtype)
     x = common.conv(self.widths[0], 3, 1, padding=1, in_features=x.shape[-1],
-                    init=self.init_scheme, dtype=self.dtype, name="conv1")(x)
+                    init=self.init_scheme, dtype=self.dtype, im2col=self.im2col_stem,
+                    name="conv1")(x)
     # `train` (argument 2, counting the module) decides Python control flow.
     block_cls = nn.remat(PreActBlock, static_argnums=(2,)) if self.remat else PreActBlock
     for stage, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):

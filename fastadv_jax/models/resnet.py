@@ -71,6 +71,10 @@ class ResNet(nn.Module):
       `common.INITS` name.
     mean, std: per-channel normalization inside the model (None: none).
     dtype: compute dtype; parameters and logits are float32.
+    im2col_stem: compute the stem convolution (the image) as im2col
+      (`common.image_conv`): the same function and parameters, faster input
+      gradients on CPU, slower double backprop; the evaluation models set it
+      on CPU (`train_state.create_model`).
   """
   num_classes: int = 1000
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
@@ -79,13 +83,15 @@ class ResNet(nn.Module):
   mean: Optional[Sequence[float]] = None
   std: Optional[Sequence[float]] = None
   dtype: Any = jnp.float32
+  im2col_stem: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Logits (float32) for NHWC images in [0, 1]; `train` selects BN batch statistics."""
     x = common.normalize(x, self.mean, self.std, self.dtype)
     x = common.conv(self.widths[0], 7, 2, padding=3, in_features=x.shape[-1],
-                    init=self.init_scheme, dtype=self.dtype, name="conv1")(x)
+                    init=self.init_scheme, dtype=self.dtype, im2col=self.im2col_stem,
+                    name="conv1")(x)
     x = nn.relu(common.batch_norm(train, dtype=self.dtype, name="bn1")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):

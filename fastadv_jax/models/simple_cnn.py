@@ -34,6 +34,10 @@ class SimpleCNN(nn.Module):
     mean, std: per-channel normalization inside the model (None: none, as in
       the paper).
     dtype: compute dtype; parameters and logits are float32.
+    im2col_stem: compute the stem convolution (the image) as im2col
+      (`common.image_conv`): the same function and parameters, faster input
+      gradients on CPU, slower double backprop; the evaluation models set it
+      on CPU (`train_state.create_model`).
   """
   num_classes: int = 10
   filters: int = 4
@@ -41,6 +45,7 @@ class SimpleCNN(nn.Module):
   mean: Optional[Sequence[float]] = None
   std: Optional[Sequence[float]] = None
   dtype: Any = jnp.float32
+  im2col_stem: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -48,7 +53,8 @@ class SimpleCNN(nn.Module):
     del train
     x = common.normalize(x, self.mean, self.std, self.dtype)
     x = common.conv(self.filters, 3, 1, padding=1, in_features=x.shape[-1],
-                    init=self.init_scheme, use_bias=True, dtype=self.dtype, name="conv")(x)
+                    init=self.init_scheme, use_bias=True, dtype=self.dtype,
+                    im2col=self.im2col_stem, name="conv")(x)
     x = nn.relu(x)
     x = x.reshape(x.shape[0], -1)
     x = common.dense(self.num_classes, in_features=x.shape[-1], init=self.init_scheme,

@@ -72,6 +72,10 @@ class WideResNet(nn.Module):
       zero linear bias) or another `common.INITS` name.
     mean, std: per-channel normalization inside the model (None: none).
     dtype: compute dtype; parameters and logits are float32.
+    im2col_stem: compute the stem convolution (the image) as im2col
+      (`common.image_conv`): the same function and parameters, faster input
+      gradients on CPU, slower double backprop; the evaluation models set it
+      on CPU (`train_state.create_model`).
   """
   depth: int = 34
   widen_factor: int = 10
@@ -80,6 +84,7 @@ class WideResNet(nn.Module):
   mean: Optional[Sequence[float]] = None
   std: Optional[Sequence[float]] = None
   dtype: Any = jnp.float32
+  im2col_stem: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -92,7 +97,7 @@ class WideResNet(nn.Module):
     widths = (16 * self.widen_factor, 32 * self.widen_factor, 64 * self.widen_factor)
     x = common.normalize(x, self.mean, self.std, self.dtype)
     x = common.conv(16, 3, 1, padding=1, in_features=x.shape[-1], init=self.init_scheme,
-                    dtype=self.dtype, name="conv1")(x)
+                    dtype=self.dtype, im2col=self.im2col_stem, name="conv1")(x)
     for stage, width in enumerate(widths):
       for block in range(blocks_per_stage):
         stride = (1 if stage == 0 else 2) if block == 0 else 1
