@@ -8,6 +8,7 @@ builder subclass fed pre-encoded PNG/JPEG bytes), read back by the registered
 
 import io
 import os
+import shutil
 import sys
 import tarfile
 import warnings
@@ -284,11 +285,23 @@ def test_decode_cache_is_written_reused_and_keyed(tiny_tar, tmp_path, monkeypatc
   assert not calls  # read from the cache
   for key in first:
     np.testing.assert_array_equal(first[key], second[key])
-  # A changed archive (new mtime) is decoded again under a new key.
+  # A changed archive (new mtime) is decoded again under a new key, which
+  # replaces the old file; another archive's cache (same name, another
+  # folder) and files that are not this cache's stay.
+  (before,) = [f for f in os.listdir(cache) if f.endswith(".npz")]
+  other = tmp_path / "copy" / os.path.basename(tar_path)
+  other.parent.mkdir()
+  shutil.copy(tar_path, other)
+  data.load_image_folder(other, progress=False)
+  (cache / "unrelated-0123456789abcdef.npz").write_bytes(b"")
   os.utime(tar_path, ns=(1_000_000_000, 1_000_000_000))
   data.load_image_folder(tar_path, progress=False)
-  assert len(calls) == 1
-  assert len([f for f in os.listdir(cache) if f.endswith(".npz")]) == 2
+  assert len(calls) == 2
+  after = sorted(f for f in os.listdir(cache) if f.endswith(".npz"))
+  assert len(after) == 3 and before not in after
+  data.load_image_folder(other, progress=False)
+  data.load_image_folder(tar_path, progress=False)
+  assert len(calls) == 2  # both caches still valid
 
 
 def test_corrupt_cache_is_rebuilt(tiny_tar, tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import os
 import tarfile
 import uuid
@@ -138,15 +139,40 @@ def load_npz_split(path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- cache
 
 
-def cache_file(source: str, fingerprint: dict) -> str:
-  """The cache path for `source` (a name or path) and its fingerprint dict."""
-  digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+def _digest(value: dict) -> str:
+  return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def cache_file(source: str, fingerprint: dict, identity: dict) -> str:
+  """The cache path `<stem>-<identity>-<fingerprint>.npz` for `source` (a name or path).
+
+  `identity` says what is cached (the dataset's path, its class order, ...),
+  `fingerprint` the state it was decoded from (sizes, modification times, the
+  cache format). A new state of the same identity supersedes the old one:
+  `write_cache` removes the other states' files, so a dataset that is copied
+  again (a new modification time) does not leave one more decoded copy (184
+  MB for CIFAR-10) behind every time.
+  """
   stem = os.path.basename(os.path.normpath(source))
   for suffix in ARCHIVE_SUFFIXES:
     if stem.lower().endswith(suffix):
       stem = stem[:-len(suffix)]
       break
-  return os.path.join(cache_dir(), f"{stem}-{digest[:16]}.npz")
+  return os.path.join(cache_dir(),
+                      f"{stem}-{_digest(identity)[:8]}-{_digest(fingerprint)[:16]}.npz")
+
+
+def _remove_superseded(path: str) -> None:
+  """Removes the cache files of `path`'s identity other than `path` (see `cache_file`)."""
+  folder, name = os.path.split(path)
+  prefix = name.rsplit("-", 1)[0] + "-"
+  for other in os.listdir(folder):
+    if (other != name and other.startswith(prefix) and other.endswith(".npz")
+        and re.fullmatch(r"[0-9a-f]{16}", other[len(prefix):-len(".npz")])):
+      try:
+        os.remove(os.path.join(folder, other))
+      except OSError:
+        pass  # removed by another process, or not ours to remove
 
 
 def read_cache(path: str) -> dict[str, np.ndarray] | None:
@@ -167,7 +193,8 @@ def read_cache(path: str) -> dict[str, np.ndarray] | None:
 
 
 def write_cache(path: str, arrays: dict[str, np.ndarray]) -> None:
-  """Writes `arrays` to `path` atomically: a temporary file in the same folder, then rename."""
+  """Writes `arrays` to `path` atomically (a temporary file in the same folder,
+  then rename), then removes the files it supersedes (`cache_file`)."""
   folder = os.path.dirname(path)
   os.makedirs(folder, exist_ok=True)
   # A unique name in the same folder (so the rename is atomic); opened with the
@@ -181,6 +208,7 @@ def write_cache(path: str, arrays: dict[str, np.ndarray]) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+  _remove_superseded(path)
 
 
 # ----------------------------------------------------------------------------- images
@@ -312,7 +340,9 @@ def load_image_folder(path: str, *, class_names: Sequence[str] | None = None,
   if not (os.path.isdir(path) or is_archive(path)):
     raise ValueError(
         f"{path} is neither a folder nor a tar archive ({', '.join(ARCHIVE_SUFFIXES)}).")
-  cache_path = cache_file(path, _fingerprint(path, class_names)) if cache else None
+  cache_path = cache_file(path, _fingerprint(path, class_names), {
+      "path": os.path.abspath(path), "class_names": list(class_names) if class_names else None,
+  }) if cache else None
   if cache_path is not None:
     arrays = read_cache(cache_path)
     if arrays is not None:

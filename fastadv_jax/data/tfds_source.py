@@ -181,8 +181,10 @@ def load_tfds_split(name: str, split: str, *, data_dir: str | None = None,
   source = data_source(name, split, data_dir=data_dir)
   fingerprint = _cache_fingerprint(name, split, data_dir, (image_key, label_key)) if (
       cache) else None
+  identity = {"name": name, "split": split, "keys": [image_key, label_key],
+              "data_dir": os.path.abspath(data_dir) if data_dir else None}
   cache_path = cache_file(f"tfds-{name}-{re.sub(r'[^A-Za-z0-9_.-]', '_', split)}",
-                           fingerprint) if fingerprint else None
+                           fingerprint, identity) if fingerprint else None
   if cache_path is not None:
     arrays = read_cache(cache_path)
     if arrays is not None:
