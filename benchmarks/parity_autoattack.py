@@ -80,7 +80,6 @@ from fastadv_jax import closures  # noqa: E402
 from fastadv_jax import evaluate  # noqa: E402
 from fastadv_jax import interop  # noqa: E402
 from fastadv_jax import models  # noqa: E402
-from fastadv_jax import train_state  # noqa: E402
 from fastadv_jax.autoattack.ensemble import padded_chunks  # noqa: E402
 
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "fastadv_jax",
@@ -580,8 +579,7 @@ def main(argv=None):
         f"{torch.__version__} with {torch.get_num_threads()} threads")
   test_images, test_labels = load_cifar10("test")
   model, variables, train_settings, model_path, train_s = train_or_load(args)
-  # The model fastadv-eval attacks: on CPU its stem convolution as im2col.
-  logits_fn = closures.eval_logits_fn(train_state.for_evaluation(model), variables)
+  logits_fn = closures.eval_logits_fn(model, variables)
   net = torch_twin(model, variables, args.filters)
 
   indices = evaluate.select_indices(len(test_images), args.n, "random", args.seed)

@@ -262,7 +262,7 @@ def get_config(variant: str = "gradalign") -> ml_collections.ConfigDict:
     config.num_epochs = 30
     config.final_eval.update(n=1000, steps=50, restarts=10)
     # Small evaluation batches: on CPU the evaluation model's im2col stem
-    # (train_state.create_model) materializes 27 values per pixel, and batches
+    # (closures.eval_logits_fn) materializes 27 values per pixel, and batches
     # of 32-64 keep them in cache: the 1,000-point per-epoch evaluation took
     # 0.35-0.39 s against 0.67 s at 250, and the main job's training loop
     # spent 20.7 s evaluating against 29.6 s (the results do not depend on

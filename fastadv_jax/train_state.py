@@ -51,28 +51,11 @@ def model_variables(params, batch_stats) -> dict[str, Any]:
 
 def create_model(config, *, evaluation: bool = False):
   """The model of `config`: the train step's, or with `evaluation` the one that
-  evaluations, attacks and checkpoint restores use.
-
-  The evaluation model computes in float32, and on CPU its stem convolution
-  runs as im2col (`im2col_stem`, `models.common.image_conv`): the same
-  function and parameters, input gradients about 2x faster on XLA:CPU for the
-  3-channel convolution, while the weight gradients of the train step (and
-  GradAlign's double backprop) are faster with XLA's own convolution
-  (benchmarks/README_parity.md).
-  """
+  evaluations and checkpoint restores use (float32; `closures.eval_logits_fn`
+  adds the CPU backend's im2col stem)."""
   dtype = jnp.dtype("float32" if evaluation else config.dtype)
-  model = models.get_model(config.model.name, num_classes=config.num_classes,
-                           dtype=dtype, **dict(config.model.kwargs))
-  return for_evaluation(model) if evaluation else model
-
-
-def for_evaluation(model):
-  """`model` for attacks and evaluations: on CPU with its stem convolution as
-  im2col (see `create_model`), elsewhere unchanged. Models without a stem
-  setting are returned as they are."""
-  if jax.default_backend() == "cpu" and hasattr(model, "im2col_stem"):
-    return model.clone(im2col_stem=True)
-  return model
+  return models.get_model(config.model.name, num_classes=config.num_classes,
+                          dtype=dtype, **dict(config.model.kwargs))
 
 
 def total_steps(config, steps_per_epoch: int) -> int:

@@ -201,8 +201,8 @@ def test_image_conv_matches_xla_convolution_to_second_order(stride, pad):
 
 def test_im2col_stem_is_the_same_model(images):
   """`im2col_stem` changes how the stem convolution is computed, nothing else;
-  the evaluation model sets it on CPU."""
-  from fastadv_jax import config_base, train_state  # pylint: disable=g-import-not-at-top
+  the evaluation closure sets it on CPU, the train step's model does not."""
+  from fastadv_jax import closures, config_base, train_state  # pylint: disable=g-import-not-at-top
   model = models.get_model("simple_cnn", filters=4)
   variables = random_variables(model, seed=2)
   im2col = model.clone(im2col_stem=True)
@@ -218,9 +218,11 @@ def test_im2col_stem_is_the_same_model(images):
   np.testing.assert_allclose(input_grad(im2col), input_grad(model), rtol=1e-4, atol=1e-7)
   config = config_base.load_config_file(
       os.path.join(os.path.dirname(__file__), "..", "configs", "cifar10.py"), "cnn_fgsm")
-  assert train_state.create_model(config, evaluation=True).im2col_stem == (
-      jax.default_backend() == "cpu")
-  assert not train_state.create_model(config).im2col_stem
+  for evaluation in (False, True):
+    built = train_state.create_model(config, evaluation=evaluation)
+    assert not built.im2col_stem
+    assert closures.eval_logits_fn(built, variables).model.im2col_stem == (
+        jax.default_backend() == "cpu")
 
 
 def test_remat_is_the_same_function_and_gradients(tiny_preact, images):

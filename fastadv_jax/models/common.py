@@ -112,7 +112,7 @@ def check_init(init: str) -> None:
 # and input gradient ran 1.3-2.6x faster as im2col, its weight gradient and
 # GradAlign's double backprop slower (benchmarks/bench_input_conv.py,
 # benchmarks/README_parity.md); hence the mixed rule of `image_conv`, and its
-# use only in the evaluation models (`train_state.create_model`).
+# use only in evaluation (`closures.eval_logits_fn` sets it on CPU).
 IM2COL_MAX_IN_FEATURES = 4
 
 

@@ -93,8 +93,8 @@ class PreActResNet(nn.Module):
       (benchmarks/README.md, "Rematerialization").
     im2col_stem: compute the stem convolution (the image) as im2col
       (`common.image_conv`): the same function and parameters, faster input
-      gradients on CPU, slower double backprop; the evaluation models set it
-      on CPU (`train_state.create_model`).
+      gradients on CPU, slower double backprop; the evaluation closure
+      (`closures.eval_logits_fn`) sets it on CPU.
   """
   num_classes: int = 10
   stage_sizes: Sequence[int] = (2, 2, 2, 2)

@@ -73,8 +73,8 @@ class ResNet(nn.Module):
     dtype: compute dtype; parameters and logits are float32.
     im2col_stem: compute the stem convolution (the image) as im2col
       (`common.image_conv`): the same function and parameters, faster input
-      gradients on CPU, slower double backprop; the evaluation models set it
-      on CPU (`train_state.create_model`).
+      gradients on CPU, slower double backprop; the evaluation closure
+      (`closures.eval_logits_fn`) sets it on CPU.
   """
   num_classes: int = 1000
   stage_sizes: Sequence[int] = (3, 4, 6, 3)

@@ -74,8 +74,8 @@ class WideResNet(nn.Module):
     dtype: compute dtype; parameters and logits are float32.
     im2col_stem: compute the stem convolution (the image) as im2col
       (`common.image_conv`): the same function and parameters, faster input
-      gradients on CPU, slower double backprop; the evaluation models set it
-      on CPU (`train_state.create_model`).
+      gradients on CPU, slower double backprop; the evaluation closure
+      (`closures.eval_logits_fn`) sets it on CPU.
   """
   depth: int = 34
   widen_factor: int = 10
