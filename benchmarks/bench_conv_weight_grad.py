@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import time
 
@@ -23,6 +22,8 @@ import fastadv_jax  # pylint: disable=unused-import  (its XLA:CPU defaults)
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import records  # benchmarks/records.py, next to this script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -126,10 +127,7 @@ def main(argv=None):
             "load_average": os.getloadavg(), "cpu_count": os.cpu_count(),
             "versions": {"jax": jax.__version__, "torch": torch.__version__},
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": rows}
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(record, f, indent=1)
-  print(f"Wrote {args.out}")
+  records.write_record(args.out, record)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,13 @@ printed). JSON goes to `results/bench_input_conv.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import records  # pylint: disable=g-import-not-at-top,wrong-import-position
 import xla_threads  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 THREADS = xla_threads.preparse_threads(sys.argv[1:]) if __name__ == "__main__" else 0
@@ -139,10 +139,7 @@ def main():
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "repeats": args.repeats,
             "load_average_end": list(os.getloadavg()), "cpu_count": os.cpu_count(),
             "versions": {"jax": jax.__version__, "torch": torch.__version__}, "rows": rows}
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(record, f, indent=1)
-  print(f"Wrote {args.out}")
+  records.write_record(args.out, record)
 
 
 if __name__ == "__main__":

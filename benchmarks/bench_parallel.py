@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -29,6 +28,8 @@ from fastadv_jax import config_base
 from fastadv_jax import train
 from fastadv_jax import train_state
 from fastadv_jax import train_step
+
+import records  # benchmarks/records.py, next to this script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SHAPE = (32, 32, 3)
@@ -102,10 +103,7 @@ def main():
                         "backend": jax.default_backend()},
             "versions": {"jax": jax.__version__},
             "settings": vars(args), "rows": rows}
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"wrote {args.out}")
+  records.write_record(args.out, result, indent=2)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
-import json
 import os
 import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_train_step as bench  # pylint: disable=g-import-not-at-top,wrong-import-position
+import records  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _LAYOUT_OP = re.compile(r"\s*%?(\S+) = (f32|bf16|f16)\[([\d,]*)\]\{[\d,]*\} (transpose|copy)\(")
 _BYTES = {"f32": 4, "bf16": 2, "f16": 2}
@@ -110,10 +110,7 @@ def main(argv=None):
   record = {"benchmark": "hlo_layout_copies", "method": args.method, "batch": args.batch,
             "widths": args.widths, "date": datetime.datetime.now(datetime.timezone.utc)
             .isoformat(timespec="seconds"), "machine": bench.machine_info(bench_args), **result}
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(record, f, indent=1)
-  print(f"Wrote {args.out}")
+  records.write_record(args.out, record)
 
 
 if __name__ == "__main__":
