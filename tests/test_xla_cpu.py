@@ -56,8 +56,8 @@ def test_a_backend_is_detected():
 
 def test_loops_are_unrolled_where_they_convolve():
   """`unroll_loop`: on CPU, a loop whose body has an XLA convolution (also
-  nested in a jit or a custom_jvp) is unrolled; a body without one, such as
-  the input gradient of the im2col convolution, stays a rolled loop."""
+  nested in a jit) is unrolled; a body without one, such as the input
+  gradient of the im2col convolution, stays a rolled loop."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from fastadv_jax.models import common  # pylint: disable=g-import-not-at-top

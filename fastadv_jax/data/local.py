@@ -19,8 +19,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 import os
+import re
 import tarfile
 import uuid
 import warnings
