@@ -9,7 +9,10 @@ results and gradients as close to a float64 reference as XLA's own reductions
 (`benchmarks/README.md`, "XLA:CPU flags"); the single-layer CNN (no
 BatchNorm) is unchanged. Adding the other fusion types (dot, eltwise) was
 slower than `reduce` alone, and eltwise raised the memory. The flag only
-concerns the CPU backend.
+concerns the CPU backend. Part of the gain is not the reductions: with any
+YNN fusion type turned on, XLA:CPU ran a lone 3x3 convolution (batch 128,
+32x32, 64 channels) on both cores (CPU/wall time 1.84, 49 ms) instead of one
+(1.00, 103 ms); why was not established (benchmarks/README.md).
 
 XLA reads `XLA_FLAGS` once, when JAX first creates a backend, and stops the
 process on a flag it does not know; so the flag is added only
