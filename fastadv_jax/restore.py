@@ -45,7 +45,7 @@ def restore_for_eval(workdir: str, which: str = "best"):
     raise FileNotFoundError(f"No {which!r} checkpoint in {directory}.")
   _, meta = found
   config = ml_collections.ConfigDict(meta["config"])
-  model = create_model(config, evaluation=True)
+  model = create_model(config, dtype="float32")
   # No template: orbax returns the saved arrays as nested dicts, whatever the
   # optimizer state or the AT-for-Free buffer looked like.
   full = ckpt.restore(None)

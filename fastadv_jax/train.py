@@ -279,7 +279,7 @@ class _Run:
     self.num_steps = int(self.epoch_starts[-1])
     steps_per_epoch = self.train_data.schedule_steps_per_epoch
     self.model = state_lib.create_model(config)
-    self.eval_model = state_lib.create_model(config, evaluation=True)
+    self.eval_model = state_lib.create_model(config, dtype="float32")
     self.tx = state_lib.create_optimizer(config, steps_per_epoch)
     self.lr_fn = state_lib.create_learning_rate_fn(config, steps_per_epoch)
     init_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), -1 % (2**31))

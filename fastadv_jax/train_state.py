@@ -49,11 +49,10 @@ def model_variables(params, batch_stats) -> dict[str, Any]:
   return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
-def create_model(config, *, evaluation: bool = False):
-  """The model of `config`: the train step's, or with `evaluation` the one that
-  evaluations and checkpoint restores use (float32; `closures.eval_logits_fn`
-  adds the CPU backend's im2col stem)."""
-  dtype = jnp.dtype("float32" if evaluation else config.dtype)
+def create_model(config, *, dtype: str | None = None):
+  """The model of `config`; `dtype` overrides the compute dtype (evaluation:
+  float32; `closures.eval_logits_fn` adds the CPU backend's im2col stem)."""
+  dtype = jnp.dtype(dtype or config.dtype)
   return models.get_model(config.model.name, num_classes=config.num_classes,
                           dtype=dtype, **dict(config.model.kwargs))
 

@@ -218,8 +218,8 @@ def test_im2col_stem_is_the_same_model(images):
   np.testing.assert_allclose(input_grad(im2col), input_grad(model), rtol=1e-4, atol=1e-7)
   config = config_base.load_config_file(
       os.path.join(os.path.dirname(__file__), "..", "configs", "cifar10.py"), "cnn_fgsm")
-  for evaluation in (False, True):
-    built = train_state.create_model(config, evaluation=evaluation)
+  for dtype in (None, "float32"):
+    built = train_state.create_model(config, dtype=dtype)
     assert not built.im2col_stem
     assert closures.eval_logits_fn(built, variables).model.im2col_stem == (
         jax.default_backend() == "cpu")

@@ -399,7 +399,7 @@ def test_swa_schedule_and_batchnorm_reestimation_in_the_loop(npz_dataset, tmp_pa
   # batches average to its mean over the whole (unaugmented) training set,
   # whatever the order. (Deeper ones see batch-normalized inputs.)
   images = np.load(npz_dataset)["x_train"][:48].astype(np.float32) / 255.0
-  model = train_state.create_model(config, evaluation=True)
+  model = train_state.create_model(config, dtype="float32")
   whole = train_state.batch_statistics(model, swa["params"], swa["batch_stats"], images)
   got = jax.tree_util.tree_map(np.asarray, swa["batch_stats"])
   np.testing.assert_allclose(got["layer1_0"]["bn1"]["mean"], whole["layer1_0"]["bn1"]["mean"],

@@ -215,7 +215,7 @@ class Lockstep:
     self.opt_name = opt_name
 
     # The JAX side: the same weights, through interop.
-    self.jax_model = state_lib.create_model(self.config).clone(dtype=self.dtype)
+    self.jax_model = state_lib.create_model(self.config, dtype=self.dtype.name)
     variables = interop.torch_state_dict_to_flax(state_dict, name, image_shape=IMAGE,
                                                  **kwargs)
     variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, self.dtype), variables)
