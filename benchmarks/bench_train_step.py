@@ -24,9 +24,11 @@ Every method uses the same model (`--model`, `--widths`), batch and dtype, so
 the ratios compare methods, not settings; the other hyperparameters (steps,
 λ, optimizer) are those of the config variant.
 
-How it measures: every JAX step is compiled first (compile time and XLA's
-memory analysis of the compiled step, `compiled.memory_analysis()`, recorded
-per method); then `--warmup` untimed and `--repeats` timed rounds, each round
+How it measures: every JAX step is compiled first (compile time, XLA's
+memory analysis of the compiled step, `compiled.memory_analysis()`, and XLA's
+flop count, `compiled.cost_analysis()`, recorded per method: the flop ratio
+to FGSM is the floor a method's time ratio could reach); then `--warmup`
+untimed and `--repeats` timed rounds, each round
 running every method once, JAX then PyTorch back to back, so that a change in
 the machine's load (shared machines) spreads over all methods and both
 frameworks instead of biasing one. Reported per method: the median ms/step, the
@@ -45,6 +47,8 @@ Usage (from the repository root):
   python benchmarks/bench_train_step.py --widths 16,32,64,128 --batch 16   # quicker
   python benchmarks/bench_train_step.py --batch 128 --repeats 20 --warmup 3   # a GPU
   python benchmarks/bench_train_step.py --methods fgsm,fgsm+grad_align_rof --no-torch
+  python benchmarks/bench_train_step.py --batch 128 --no-torch --repeats 0 \
+      --methods fgsm,fgsm+grad_align_rof,fgsm+grad_align_ror   # flop counts only
 
 Results: the printed table and benchmarks/results/bench_train_step.json
 (or --out), with the machine, versions, load average and settings.
@@ -164,6 +168,18 @@ def _memory_analysis(compiled) -> dict[str, int]:
   return out
 
 
+def xla_cost(compiled) -> dict[str, float]:
+  """XLA's own count of the compiled step's work: flops, bytes accessed."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception as e:  # pylint: disable=broad-except
+    return {"error": f"{type(e).__name__}: {e}"}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if not cost:
+    return {"error": "cost_analysis() returned nothing on this backend"}
+  return {k: float(cost[k]) for k in ("flops", "bytes accessed", "transcendentals") if k in cost}
+
+
 class JaxCase:
   """The compiled, pmapped train step of one method and its (donated) state."""
 
@@ -195,6 +211,7 @@ class JaxCase:
     self.compiled = step_fn.lower(self.r_state, self.batch).compile()
     self.info["compile_s"] = time.perf_counter() - start
     self.info["memory"] = _memory_analysis(self.compiled)
+    self.info["xla_cost"] = xla_cost(self.compiled)
     self.metrics = None
 
   def step(self) -> None:
@@ -500,7 +517,9 @@ def print_table(results: dict[str, dict]) -> None:
   def ms(res, side):
     return res.get(side, {}).get("ms_per_step")
   jax_base, torch_base = ms(results.get(BASELINE, {}), "jax"), ms(results.get(BASELINE, {}), "torch")
-  header = (f"{'method':22s} {'JAX ms':>9s} {'xFGSM':>6s} {'compile s':>9s} "
+  flops_base = results.get(BASELINE, {}).get("jax", {}).get("xla_cost", {}).get("flops")
+  header = (f"{'method':22s} {'JAX ms':>9s} {'xFGSM':>6s} {'GFLOP':>7s} {'xFGSM':>6s} "
+            f"{'compile s':>9s} "
             f"{'XLA temp MB':>11s} {'XLA total MB':>12s} | {'torch ms':>9s} {'xFGSM':>6s} "
             f"{'peak+ MB':>8s} | {'JAX/torch':>9s}")
   print(header)
@@ -512,8 +531,11 @@ def print_table(results: dict[str, dict]) -> None:
     mem = j.get("memory", {})
     temp, total = mem.get("temp_size_in_bytes"), mem.get("total_estimate_bytes")
     peak_t = t.get("memory", {}).get("peak_increase_bytes")
+    flops = j.get("xla_cost", {}).get("flops")
     print(f"{name:22s} {_fmt(jm, '.1f', 9)} "
           f"{_fmt(jm / jax_base if jm and jax_base else None, '.2f', 6)} "
+          f"{_fmt(flops / 1e9 if flops else None, '.0f', 7)} "
+          f"{_fmt(flops / flops_base if flops and flops_base else None, '.2f', 6)} "
           f"{_fmt(j.get('compile_s'), '.1f', 9)} {_fmt(temp * mb if temp else None, '.1f', 11)} "
           f"{_fmt(total * mb if total else None, '.1f', 12)} | "
           f"{_fmt(tm, '.1f', 9)} {_fmt(tm / torch_base if tm and torch_base else None, '.2f', 6)} "
@@ -541,6 +563,9 @@ def published_comparison(results: dict[str, dict]) -> list[str]:
       b = results[den].get(side, {}).get("ms_per_step")
       if a and b:
         parts.append(f"{side} {a / b:.2f}×")
+    a, b = (results[n].get("jax", {}).get("xla_cost", {}).get("flops") for n in (num, den))
+    if a and b:
+      parts.append(f"XLA's flop count {a / b:.2f}×")
     lines.append(f"  {num} / {den}: {', '.join(parts) or '-'}   published: {published}")
   return lines
 
@@ -553,7 +578,7 @@ def parse_args(argv=None):
   parser.add_argument("--widths", type=lambda s: [int(v) for v in s.split(",")], default=None,
                       help="channel widths of the four stages, e.g. 16,32,64,128 (smaller model)")
   parser.add_argument("--batch", type=int, default=32, help="per-step batch (one device)")
-  parser.add_argument("--repeats", type=int, default=5, help="timed rounds (steps per method)")
+  parser.add_argument("--repeats", type=int, default=5, help="timed rounds (steps per method); 0: compile and count only")
   parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                       help="compute dtype: JAX config.dtype; PyTorch autocast")
@@ -581,7 +606,7 @@ def parse_args(argv=None):
   if BASELINE not in methods:
     methods.insert(0, BASELINE)  # the ratios need it
   args.methods_list = list(dict.fromkeys(methods))
-  for flag, minimum in (("batch", 1), ("repeats", 1), ("warmup", 0), ("torch_threads", 1)):
+  for flag, minimum in (("batch", 1), ("repeats", 0), ("warmup", 0), ("torch_threads", 1)):
     if getattr(args, flag) < minimum:
       parser.error(f"--{flag.replace('_', '-')} must be >= {minimum}, got {getattr(args, flag)}")
   return args

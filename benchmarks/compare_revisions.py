@@ -73,10 +73,7 @@ args = bench.parse_args(sys.argv[1:])
 out = {}
 for name in args.methods_list:
   try:
-    cost = bench.JaxCase(name, args).compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    out[name] = {k: float(cost[k]) for k in ("flops", "bytes accessed", "transcendentals")
-                 if k in cost}
+    out[name] = bench.JaxCase(name, args).info["xla_cost"]
   except Exception as e:  # pylint: disable=broad-except
     out[name] = {"error": f"{type(e).__name__}: {e}"}
 print("COST " + json.dumps(out))
