@@ -314,6 +314,10 @@ def _cell_summary(cell_dir: str) -> dict[str, Any]:
       "landscape_curve": [(r["epoch"], r["landscape/input_grad_l1"],
                            r["landscape/hessian_top"])
                           for r in records if "landscape/input_grad_l1" in r],
+      # Accuracy at the training attack's points, as logged during training: its
+      # rise against a falling test PGD accuracy is robust overfitting.
+      "train_adv_curve": [(r["epoch"], r["train/adv_acc"])
+                          for r in records if "train/adv_acc" in r],
   }
   for which in ("last", "best"):
     rec = final.get(which)
@@ -421,9 +425,10 @@ def _plot_curves(grid_name, per_cell, all_cells, path) -> None:
 
 def _plot_landscape(grid_name, per_cell, all_cells, path) -> None:
   """AdvLC Fig. 3 in small: PGD-10 accuracy, IG and the input Hessian's top
-  eigenvalue over training, every seed of every method."""
+  eigenvalue over training, and the training attack's accuracy, every seed of
+  every method."""
   plt = _common.pyplot()
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
   colors = dict(zip(GRIDS[grid_name].methods, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
   for c in all_cells:
     cell = per_cell.get(c.name)
@@ -434,9 +439,14 @@ def _plot_landscape(grid_name, per_cell, all_cells, path) -> None:
     pgd = np.asarray(cell["pgd10_curve"])
     land = np.asarray(cell["landscape_curve"])
     axes[0].plot(pgd[:, 0], 100 * pgd[:, 1], **style)
-    axes[1].plot(land[:, 0], land[:, 1], **style)
-    axes[2].plot(land[:, 0], land[:, 2], **style)
+    # Few points (every `evals.landscape.every_epochs`): marked.
+    axes[1].plot(land[:, 0], land[:, 1], marker="o", ms=3, **style)
+    axes[2].plot(land[:, 0], land[:, 2], marker="o", ms=3, **style)
+    if cell.get("train_adv_curve"):
+      train_adv = np.asarray(cell["train_adv_curve"])
+      axes[3].plot(train_adv[:, 0], 100 * train_adv[:, 1], **style)
   axes[0].set(xlabel="epoch", ylabel="PGD-10 accuracy % (test, n=500)")
+  axes[3].set(xlabel="epoch", ylabel="accuracy % at the training attack's points")
   axes[1].set(xlabel="epoch", ylabel="IG: mean ‖∇ₓℓ(x)‖₁ (test, n=200)")
   axes[2].set(xlabel="epoch", ylabel="input Hessian top eigenvalue (n=200)")
   axes[0].legend(fontsize=7)
