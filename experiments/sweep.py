@@ -446,7 +446,7 @@ def _plot_landscape(grid_name, per_cell, all_cells, path) -> None:
       train_adv = np.asarray(cell["train_adv_curve"])
       axes[3].plot(train_adv[:, 0], 100 * train_adv[:, 1], **style)
   axes[0].set(xlabel="epoch", ylabel="PGD-10 accuracy % (test, n=500)")
-  axes[3].set(xlabel="epoch", ylabel="accuracy % at the training attack's points")
+  axes[3].set(xlabel="epoch", ylabel="training attack's accuracy % (one batch)")
   axes[1].set(xlabel="epoch", ylabel="IG: mean ‖∇ₓℓ(x)‖₁ (test, n=200)")
   axes[2].set(xlabel="epoch", ylabel="input Hessian top eigenvalue (n=200)")
   axes[0].legend(fontsize=7)
