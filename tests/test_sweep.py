@@ -82,7 +82,8 @@ def test_advlc_grid_logs_and_plots_the_landscape_metrics(tmp_path):
               "evals.validation.n": 16, "evals.validation.pgd_steps": 1,
               "evals.test.n": 16, "evals.test.batch_size": 16, "evals.test.pgd_steps": 1,
               "evals.landscape.n": 4, "evals.landscape.batch_size": 4,
-              "evals.landscape.every_epochs": 1,
+              "evals.landscape.every_epochs": 1, "evals.test.every_epochs": 1,
+              "evals.validation.every_epochs": 1,
               "final_eval.n": 8, "final_eval.steps": 1, "final_eval.restarts": 1,
               "final_eval.batch_size": 8}
   run_sweep(tmp_path, "advlc_ro", ["--methods=fgsm_n_advlc", "--seeds=0"], settings)
@@ -92,5 +93,6 @@ def test_advlc_grid_logs_and_plots_the_landscape_metrics(tmp_path):
   cell = table["cells"]["fgsm_n_advlc_eps8_seed0"]
   assert [epoch for epoch, _, _ in cell["landscape_curve"]] == [1.0, 2.0]
   assert all(ig > 0 and np.isfinite(top) for _, ig, top in cell["landscape_curve"])
+  assert cell["train_adv_curve"] and all(0 <= acc <= 1 for _, acc in cell["train_adv_curve"])
   assert table["rows"][0]["best_selected_on"] == ["validation (validation split) / pgd_acc"]
   assert (root / "landscape.png").exists()
