@@ -40,7 +40,8 @@ Grids (`GRIDS`):
   150 (the paper's schedule on the full set), best/ chosen on 500 held-out
   training images, 2 seeds; PGD-10 on 500 test points every 5 epochs and,
   every 20, IG and the input Hessian's top eigenvalue on 200 test points.
-  About 0.45 min an epoch with two cells side by side on this 2-core CPU.
+  Measured: training loops of 39-56 minutes a cell, two cells side by side
+  on this 2-core CPU; FGSM-N's robust overfitting shows from epoch ~50.
   An earlier design (5,000 images, 40 epochs) underfit and showed no robust
   overfitting: `experiments/results/sweep_advlc_ro_5k_40ep/`. `--full`: the
   `advlc` variant as published (200 epochs, full data), 1 seed.
