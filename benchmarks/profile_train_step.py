@@ -13,7 +13,10 @@ variant, batch), runs two warm-up steps, then profiles `--steps` steps:
   op's time ("convolution (rest of the step)").
 * PyTorch with `torch.profiler` (CPU): self time per aten op, summed per kind.
 
-Prints ms/step per kind for both and writes the JSON (`--out`).
+Prints ms/step per kind for both, then JAX's `--top` slowest single ops with
+their HLO (shape; window and dim_labels for convolutions): a convolution
+XLA:CPU could not hand to Eigen runs as an emitted loop and shows there with
+its whole time. Writes the JSON (`--out`).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def _jax_kind(name: str) -> str | None:
   return "other"
 
 
-def profile_jax(method: str, args, steps: int) -> dict:
+def profile_jax(method: str, args, steps: int, top: int = 10) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   case = bench.JaxCase(method, args)
   for _ in range(2):
@@ -68,16 +71,38 @@ def profile_jax(method: str, args, steps: int) -> dict:
     with gzip.open(path) as f:
       trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  kinds = collections.Counter()
+  kinds, ops = collections.Counter(), collections.Counter()
   for event in events:
     if event.get("ph") == "X":
       kind = _jax_kind(event["name"])
       if kind is not None:
         kinds[kind] += event.get("dur", 0) / 1000 / steps
+        ops[event["name"]] += event.get("dur", 0) / 1000 / steps
   traced = sum(v for k, v in kinds.items() if k != "convolution (launch)")
   kinds["convolution (rest of the step)"] = step_ms - traced
-  del kinds["convolution (launch)"]
-  return {"step_ms": step_ms, "kinds_ms": dict(kinds)}
+  kinds.pop("convolution (launch)", None)
+  hlo = _hlo_attributes(case.compiled.as_text())
+  slowest = [{"op": name, "ms": ms, "hlo": hlo.get(name, "")}
+             for name, ms in ops.most_common(top)]
+  return {"step_ms": step_ms, "kinds_ms": dict(kinds), "slowest_ops": slowest}
+
+
+def _hlo_attributes(text: str) -> dict[str, str]:
+  """Per instruction name, its shape and, for convolutions, window and dim_labels.
+
+  A convolution XLA:CPU hands to Eigen shows in the trace as its launch only;
+  one it cannot (window reversal, a non-canonical layout) runs as an emitted
+  loop and shows with its full time, so the slowest-ops list finds it.
+  """
+  out = {}
+  for line in text.splitlines():
+    match = re.match(r"\s*%?([\w.\-]+) = (\S+) (\w[\w-]*)\(", line)
+    if not match:
+      continue
+    name, shape, opcode = match.groups()
+    extra = " ".join(re.findall(r"(window=\{[^}]*\}|dim_labels=[^,\s]+)", line))
+    out[name] = f"{opcode} {shape} {extra}".strip()
+  return out
 
 
 def _torch_kind(name: str) -> str:
@@ -114,6 +139,7 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--widths", default=None, help="e.g. 16,32,64,128")
   parser.add_argument("--steps", type=int, default=2)
+  parser.add_argument("--top", type=int, default=10, help="slowest single JAX ops to list")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                    "profile_train_step.json"))
   args = parser.parse_args(argv)
@@ -123,7 +149,7 @@ def main(argv=None):
     bench_argv += ["--widths", args.widths]
   bench_args = bench.parse_args(bench_argv)
   bench_args.torch_device = "cpu"
-  jax_result = profile_jax(args.method, bench_args, args.steps)
+  jax_result = profile_jax(args.method, bench_args, args.steps, args.top)
   torch_result = profile_torch(args.method, bench_args, args.steps)
   print(f"{args.method}, batch {args.batch}, ms/step: JAX {jax_result['step_ms']:.0f}, "
         f"PyTorch {torch_result['step_ms']:.0f} "
@@ -136,6 +162,9 @@ def main(argv=None):
     print(f"  {name} (profiled total {total:.0f} ms):")
     for kind, ms in sorted(result["kinds_ms"].items(), key=lambda kv: -kv[1]):
       print(f"    {kind:32s} {ms:8.0f} ms  {100 * ms / total:5.1f}%")
+  print(f"  JAX's slowest single ops (ms/step; Eigen convolutions count their launch only):")
+  for row in jax_result["slowest_ops"]:
+    print(f"    {row['ms']:8.1f} ms  {row['op']:32s} {row['hlo'][:110]}")
   record = {"benchmark": "profile_train_step", "method": args.method, "batch": args.batch,
             "widths": args.widths, "steps": args.steps,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
