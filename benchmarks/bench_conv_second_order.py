@@ -12,6 +12,8 @@ operands, which adds a window reversal; XLA:CPU hands convolutions with window
 reversal not to Eigen but to an emitted loop. This script times, for the
 first strided convolution of PreActResNet-18's second stage:
 
+* `input_grad` and `input_grad_explicit`: the input gradient itself, as JAX
+  writes it (`lhs_dilation`) and by hand (below), what a first-order step pays;
 * `weight_grad`: the ordinary (first-order) kernel gradient, same flops;
 * `second_order`: d/dw <d/dx <conv(x, w), u>, v> as `jax.grad` writes it;
 * `second_order_explicit`: the same derivative with the input gradient written
@@ -102,6 +104,9 @@ def main(argv=None):
   np.testing.assert_allclose(input_grad_explicit(w, u), input_grad(w, x, u), rtol=1e-4,
                              atol=1e-4)
   forms = {
+      # What a first-order step pays for each way of writing the input gradient.
+      "input_grad": (input_grad, (w, x, u)),
+      "input_grad_explicit": (lambda w, u: input_grad_explicit(w, u), (w, u)),
       "weight_grad": (jax.grad(lambda w, x, u: jnp.sum(strided_conv(x, w) * u)), (w, x, u)),
       "second_order": (jax.grad(lambda w, x, u, v: jnp.sum(input_grad(w, x, u) * v)),
                        (w, x, u, v)),
@@ -117,7 +122,9 @@ def main(argv=None):
   scale = float(jnp.max(jnp.abs(values["second_order"])))
   np.testing.assert_allclose(values["second_order_explicit"], values["second_order"],
                              rtol=1e-4, atol=1e-4 * scale)
-  print(f"second_order / weight_grad: {rows['second_order']['ms'] / rows['weight_grad']['ms']:.0f}x"
+  print(f"input_grad_explicit / input_grad: "
+        f"{rows['input_grad_explicit']['ms'] / rows['input_grad']['ms']:.2f}x; "
+        f"second_order / weight_grad: {rows['second_order']['ms'] / rows['weight_grad']['ms']:.0f}x"
         f"; second_order_explicit / weight_grad: "
         f"{rows['second_order_explicit']['ms'] / rows['weight_grad']['ms']:.1f}x "
         f"(the two second-order forms agree); load average "
