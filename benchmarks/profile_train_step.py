@@ -162,7 +162,7 @@ def main(argv=None):
     print(f"  {name} (profiled total {total:.0f} ms):")
     for kind, ms in sorted(result["kinds_ms"].items(), key=lambda kv: -kv[1]):
       print(f"    {kind:32s} {ms:8.0f} ms  {100 * ms / total:5.1f}%")
-  print(f"  JAX's slowest single ops (ms/step; Eigen convolutions count their launch only):")
+  print("  JAX's slowest single ops (ms/step; Eigen convolutions count their launch only):")
   for row in jax_result["slowest_ops"]:
     print(f"    {row['ms']:8.1f} ms  {row['op']:32s} {row['hlo'][:110]}")
   record = {"benchmark": "profile_train_step", "method": args.method, "batch": args.batch,

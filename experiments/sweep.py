@@ -49,11 +49,12 @@ Grids (`GRIDS`):
   (16, 32, 64, 128), 10,000 training images, 10 epochs, ε in {8, 16}/255, FGSM,
   FGSM-RS, FGSM + GradAlign, N-FGSM, ZeroGrad, PGD-2, 2 seeds; `--full`: the
   full network and training set, 30 epochs, ε in {4, 8, 12, 16}, 5 seeds
-  (GradAlign's setting). Sized for about 10 minutes a cell; measured: the
-  first cell (FGSM, ε = 16) took a 78-minute training loop at low priority
-  next to another sweep and test runs on this 2-core CPU, a third of it the
-  per-epoch evaluations (500 test points) and the model selection (PGD-10 on
-  256 training points every 200 steps).
+  (GradAlign's setting). Sized for about 10 minutes a cell; measured on this
+  2-core CPU next to other work: training loops of 12 minutes (24 for
+  GradAlign) at 8/255 with two cells side by side, 36-85 minutes at 16/255
+  at low priority (the first cell, FGSM at 16/255: 78 minutes, a third of it
+  the per-epoch evaluations on 500 test points and the model selection,
+  PGD-10 on 256 training points every 200 steps).
 """
 
 from __future__ import annotations
