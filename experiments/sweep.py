@@ -305,7 +305,12 @@ def _cell_summary(cell_dir: str) -> dict[str, Any]:
   events = summary.get("co_events") or []
   collapse = epoch_of_step.get(events[0]["step"]) if events else None
   final = summary.get("final_eval", {})
+  with open(os.path.join(cell_dir, "config.json")) as f:
+    evals_config = json.load(f).get("evals", {})
   out = {
+      # Points of the per-epoch evaluations, for the figures' and table's labels.
+      "pgd10_n": evals_config.get("test", {}).get("n"),
+      "landscape_n": evals_config.get("landscape", {}).get("n"),
       "collapse_epoch": collapse, "stopped_early": summary.get("stopped_early"),
       "epochs_run": evals[-1]["epoch"] if evals else None,
       "pgd10_curve": [(r["epoch"], r["test/pgd_acc"]) for r in evals],
@@ -327,6 +332,14 @@ def _cell_summary(cell_dir: str) -> dict[str, Any]:
     out[f"{which}_clean"] = rec["clean_acc"] if rec else None
     out[f"{which}_n_robust"] = rec["n_robust"] if rec else None
   return out
+
+
+def _points(per_cell, key: str) -> str:
+  """'1,000', or '500-1,000' where the cells differ: the points behind a label."""
+  values = sorted({c[key] for c in per_cell.values() if c.get(key)})
+  if not values:
+    return "?"
+  return f"{values[0]:,}" if len(values) == 1 else f"{values[0]:,}-{values[-1]:,}"
 
 
 def report(args) -> None:
@@ -358,7 +371,8 @@ def report(args) -> None:
       })
   table = {"grid": args.grid, "full": args.full, "rows": rows, "cells": per_cell,
            "criterion": "first event of fastadv_jax.monitor.CatastrophicOverfittingMonitor "
-                        "on the per-epoch PGD-10 evaluation (first 1,000 test points)",
+                        "on the per-epoch PGD-10 evaluation (first "
+                        f"{_points(per_cell, 'pgd10_n')} test points)",
            "machine": _common.machine_info(), "versions": _common.versions()}
   os.makedirs(root, exist_ok=True)
   with open(os.path.join(root, "table.json"), "w") as f:
@@ -372,7 +386,8 @@ def report(args) -> None:
 
   lines = [f"# Sweep `{args.grid}`" + (" (full)" if args.full else ""), "",
            "Median [min, max] over seeds. Collapse: the monitor's first event (epoch); "
-           "PGD-50-10 on the first 1,000 test points, clean on all 10,000.", "",
+           f"PGD-50-10 on the first {_points(per_cell, 'last_n_robust')} test points, clean on "
+           f"all 10,000; per-epoch PGD-10 on the first {_points(per_cell, 'pgd10_n')}.", "",
            "| method | ε | seeds | collapsed | collapse epoch | last PGD-50-10 % | "
            "best PGD-50-10 % | last clean % | alignment max → last |",
            "|---|---:|---:|---:|---|---|---|---|---|"]
@@ -414,7 +429,8 @@ def _plot_curves(grid_name, per_cell, all_cells, path) -> None:
       collapse = per_cell[c.name]["collapse_epoch"]
       if collapse is not None:
         ax.axvline(collapse, color=line.get_color(), ls=":", lw=0.8)
-    ax.set(title=method, xlabel="epoch", ylabel="PGD-10 accuracy % (n=1,000)")
+    ax.set(title=method, xlabel="epoch",
+           ylabel=f"PGD-10 accuracy % (test, n={_points(per_cell, 'pgd10_n')})")
     ax.legend(fontsize=7)
   for ax in list(axes.flat)[len(methods):]:
     ax.axis("off")
@@ -447,10 +463,11 @@ def _plot_landscape(grid_name, per_cell, all_cells, path) -> None:
     if cell.get("train_adv_curve"):
       train_adv = np.asarray(cell["train_adv_curve"])
       axes[3].plot(train_adv[:, 0], 100 * train_adv[:, 1], **style)
-  axes[0].set(xlabel="epoch", ylabel="PGD-10 accuracy % (test, n=500)")
+  axes[0].set(xlabel="epoch", ylabel=f"PGD-10 accuracy % (test, n={_points(per_cell, 'pgd10_n')})")
   axes[3].set(xlabel="epoch", ylabel="training attack's accuracy % (one batch)")
-  axes[1].set(xlabel="epoch", ylabel="IG: mean ‖∇ₓℓ(x)‖₁ (test, n=200)")
-  axes[2].set(xlabel="epoch", ylabel="input Hessian top eigenvalue (n=200)")
+  landscape_n = _points(per_cell, "landscape_n")
+  axes[1].set(xlabel="epoch", ylabel=f"IG: mean ‖∇ₓℓ(x)‖₁ (test, n={landscape_n})")
+  axes[2].set(xlabel="epoch", ylabel=f"input Hessian top eigenvalue (n={landscape_n})")
   axes[0].legend(fontsize=7)
   fig.suptitle(f"Sweep {grid_name}: robustness and loss-landscape metrics over training",
                fontsize=10)

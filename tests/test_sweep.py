@@ -65,6 +65,9 @@ def test_sweep_runs_collects_reports_and_resumes(tmp_path):
   assert all(r["best_selected_on"] == ["train_pgd (train split) / pgd_acc"]
              and r["best_pgd50_10"]["n"] == 2 for r in table["rows"])
   assert (root / "table.md").exists() and (root / "curves.png").exists()
+  # The table names the points the cells were evaluated on, read from their configs.
+  assert "PGD-50-10 on the first 16 test points" in (root / "table.md").read_text()
+  assert "per-epoch PGD-10 evaluation (first 16 test points)" in table["criterion"]
   # Finished cells are never rerun.
   res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
   assert res.returncode == 0 and "0 cell(s) to run" in res.stdout
@@ -96,3 +99,5 @@ def test_advlc_grid_logs_and_plots_the_landscape_metrics(tmp_path):
   assert cell["train_adv_curve"] and all(0 <= acc <= 1 for _, acc in cell["train_adv_curve"])
   assert table["rows"][0]["best_selected_on"] == ["validation (validation split) / pgd_acc"]
   assert (root / "landscape.png").exists()
+  assert cell["pgd10_n"] == 16 and cell["landscape_n"] == 4
+  assert "PGD-50-10 on the first 8 test points" in (root / "table.md").read_text()
