@@ -20,7 +20,7 @@ first strided convolution of PreActResNet-18's second stage:
   by hand as a stride-1 convolution of the explicitly zero-interleaved output
   gradient (`lax.pad` with interior padding), so no operand swap happens.
 
-It checks that the two second-order forms agree, prints each compiled
+It checks that the two forms of each agree, prints each compiled
 convolution's window and ms, and writes JSON (`--out`). The train step's
 profile (`profile_train_step.py --method fgsm+grad_align_ror`) finds these
 convolutions as its slowest ops.
@@ -32,28 +32,19 @@ import argparse
 import datetime
 import os
 import platform
-import re
-import time
 
 import fastadv_jax  # pylint: disable=unused-import  (its XLA:CPU defaults)
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import records  # benchmarks/records.py, next to this script
+# Next to this script: benchmarks/records.py, and two benchmarks' helpers.
+from bench_conv_weight_grad import _best_ms  # pylint: disable=g-bad-import-order
+from profile_train_step import hlo_attributes  # pylint: disable=g-bad-import-order
+import records  # pylint: disable=g-bad-import-order
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DIMS = ("NHWC", "HWIO", "NHWC")
-
-
-def _best_ms(fn, *args, repeats=2):
-  jax.block_until_ready(fn(*args))
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, (time.perf_counter() - start) * 1e3)
-  return best
 
 
 def strided_conv(x, w):
@@ -80,11 +71,6 @@ def input_grad_explicit(w, u):
                                       dimension_numbers=DIMS)
 
 
-def _convolutions(compiled) -> list[str]:
-  return [f"{m.group(1)} {m.group(2)}" for m in re.finditer(
-      r" convolution\(.*?(window=\{[^}]*\}).*?(dim_labels=[^,\s]+)", compiled.as_text())]
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, default=128)
@@ -101,12 +87,10 @@ def main(argv=None):
   u = jnp.asarray(rng.normal(size=(b, s // 2, s // 2, co)), jnp.float32)
   v = jnp.asarray(rng.normal(size=(b, s, s, ci)), jnp.float32)
 
-  np.testing.assert_allclose(input_grad_explicit(w, u), input_grad(w, x, u), rtol=1e-4,
-                             atol=1e-4)
   forms = {
       # What a first-order step pays for each way of writing the input gradient.
       "input_grad": (input_grad, (w, x, u)),
-      "input_grad_explicit": (lambda w, u: input_grad_explicit(w, u), (w, u)),
+      "input_grad_explicit": (input_grad_explicit, (w, u)),
       "weight_grad": (jax.grad(lambda w, x, u: jnp.sum(strided_conv(x, w) * u)), (w, x, u)),
       "second_order": (jax.grad(lambda w, x, u, v: jnp.sum(input_grad(w, x, u) * v)),
                        (w, x, u, v)),
@@ -117,8 +101,13 @@ def main(argv=None):
   for name, (fn, fn_args) in forms.items():
     compiled = jax.jit(fn).lower(*fn_args).compile()
     values[name] = compiled(*fn_args)
-    rows[name] = {"ms": _best_ms(compiled, *fn_args), "convolutions": _convolutions(compiled)}
-    print(f"{name:22s} {rows[name]['ms']:9.1f} ms   {'; '.join(rows[name]['convolutions'])}")
+    convolutions = [attrs for attrs in hlo_attributes(compiled.as_text()).values()
+                    if attrs.startswith("convolution ")]
+    rows[name] = {"ms": _best_ms(compiled, *fn_args, repeats=2, inner=1),
+                  "convolutions": convolutions}
+    print(f"{name:22s} {rows[name]['ms']:9.1f} ms   {'; '.join(convolutions)}")
+  np.testing.assert_allclose(values["input_grad_explicit"], values["input_grad"], rtol=1e-4,
+                             atol=1e-4)
   scale = float(jnp.max(jnp.abs(values["second_order"])))
   np.testing.assert_allclose(values["second_order_explicit"], values["second_order"],
                              rtol=1e-4, atol=1e-4 * scale)

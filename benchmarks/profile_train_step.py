@@ -81,13 +81,13 @@ def profile_jax(method: str, args, steps: int, top: int = 10) -> dict:
   traced = sum(v for k, v in kinds.items() if k != "convolution (launch)")
   kinds["convolution (rest of the step)"] = step_ms - traced
   kinds.pop("convolution (launch)", None)
-  hlo = _hlo_attributes(case.compiled.as_text())
+  hlo = hlo_attributes(case.compiled.as_text())
   slowest = [{"op": name, "ms": ms, "hlo": hlo.get(name, "")}
              for name, ms in ops.most_common(top)]
   return {"step_ms": step_ms, "kinds_ms": dict(kinds), "slowest_ops": slowest}
 
 
-def _hlo_attributes(text: str) -> dict[str, str]:
+def hlo_attributes(text: str) -> dict[str, str]:
   """Per instruction name, its shape and, for convolutions, window and dim_labels.
 
   A convolution XLA:CPU hands to Eigen shows in the trace as its launch only;
@@ -96,7 +96,7 @@ def _hlo_attributes(text: str) -> dict[str, str]:
   """
   out = {}
   for line in text.splitlines():
-    match = re.match(r"\s*%?([\w.\-]+) = (\S+) (\w[\w-]*)\(", line)
+    match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) (\w[\w-]*)\(", line)
     if not match:
       continue
     name, shape, opcode = match.groups()
