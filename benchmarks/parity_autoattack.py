@@ -42,6 +42,8 @@ Usage (from the repository root):
 
   python benchmarks/parity_autoattack.py                # n=500, the full check
   python benchmarks/parity_autoattack.py --quick        # n=64, reduced budgets
+  python benchmarks/parity_autoattack.py --standard --n 1000 --threads 0 \
+      --batch-size 500 --torch-device cuda             # a GPU: torchattacks on it too
 
 Results: printed table, and JSON in benchmarks/results/parity_autoattack.json
 (or --out). Exit status 1 when parity fails (see --tolerance).
@@ -204,6 +206,7 @@ def torch_twin(model, variables, filters):
   net = torch_models.build_torch_model("simple_cnn", filters=filters)
   state = interop.flax_to_torch_state_dict(jax.device_get(variables), model)
   net.load_state_dict(state, strict=True)
+  net.to(TORCH_DEVICE)
   net.eval()
   for p in net.parameters():
     p.requires_grad_(False)
@@ -241,6 +244,7 @@ class CompileClock:
 
 
 COMPILE_CLOCK = None
+TORCH_DEVICE = "cpu"  # --torch-device
 
 
 class Timer:
@@ -410,23 +414,23 @@ def run_torch_attack(name, net, images, labels, clean_correct, args, timer):
   for start in range(0, len(points), args.torch_batch_size):
     idx = points[start:start + args.torch_batch_size]
     x = torch.from_numpy(images[idx].astype(np.float32) / 255).permute(0, 3, 1, 2)
-    x = x.contiguous()
-    y = torch.from_numpy(labels[idx].astype(np.int64))
+    x = x.contiguous().to(TORCH_DEVICE)
+    y = torch.from_numpy(labels[idx].astype(np.int64)).to(TORCH_DEVICE)
 
     def run():
       if name == "pgd-50-10":
         pgd = torchattacks.PGD(net, eps=eps, alpha=eps / 4, steps=50, random_start=True)
-        ok = torch.ones(len(idx), dtype=torch.bool)
+        ok = torch.ones(len(idx), dtype=torch.bool, device=TORCH_DEVICE)
         for _ in range(10):  # strict rule: robust only if no restart fools it
           x_adv = pgd(x, y)
           with torch.no_grad():
             ok &= net(x_adv).argmax(1) == y
-        return ok.numpy()
+        return ok.cpu().numpy()
       x_adv = attack(x, y)
       x_adv = x_adv.detach()
-      _check_ball("torch", name, x_adv.numpy(), x.numpy(), eps)
+      _check_ball("torch", name, x_adv.cpu().numpy(), x.cpu().numpy(), eps)
       with torch.no_grad():
-        return (net(x_adv).argmax(1) == y).numpy()
+        return (net(x_adv).argmax(1) == y).cpu().numpy()
 
     robust[idx] = timer.run(run)
   return robust & clean_correct
@@ -444,18 +448,20 @@ def run_torch_ensemble(net, images, labels, clean_correct, args, timer):
   eps = args.eps / 255
   torch.manual_seed(args.seed)
   x = torch.from_numpy(images.astype(np.float32) / 255).permute(0, 3, 1, 2).contiguous()
-  y = torch.from_numpy(labels.astype(np.int64))
-  fails = torch.arange(len(images))
+  x = x.to(TORCH_DEVICE)
+  y = torch.from_numpy(labels.astype(np.int64)).to(TORCH_DEVICE)
+  fails = torch.arange(len(images), device=TORCH_DEVICE)
   final = x.clone()
   timer.stages = {}
   for name in ENSEMBLE:
     attack = torch_attack(name, net, args)
-    points = int(np.sum(clean_correct[fails.numpy()]))
+    points = int(np.sum(clean_correct[fails.cpu().numpy()]))
 
     def stage():
       adv = attack(x[fails], y[fails]).detach()
       with torch.no_grad():
         pre = net(adv).argmax(1)
+      pre.cpu()  # waits for the device: the stage's clock includes its kernels
       return adv, pre
 
     wall0 = timer.wall_s
@@ -465,12 +471,12 @@ def run_torch_ensemble(net, images, labels, clean_correct, args, timer):
     fails = fails[corrects]
     timer.stages[name] = dict(points=points, wall_s=timer.wall_s - wall0,
                               run_s=timer.wall_s - wall0,
-                              robust_after=int(np.sum(clean_correct[fails.numpy()])))
+                              robust_after=int(np.sum(clean_correct[fails.cpu().numpy()])))
     if len(fails) == 0:
       break
-  _check_ball("torch", "autoattack", final.numpy(), x.numpy(), eps)
+  _check_ball("torch", "autoattack", final.cpu().numpy(), x.cpu().numpy(), eps)
   with torch.no_grad():
-    robust = (net(final).argmax(1) == y).numpy()
+    robust = (net(final).argmax(1) == y).cpu().numpy()
   return robust & clean_correct
 
 
@@ -484,6 +490,7 @@ def machine_info():
   info = {"platform": platform.platform(), "processor": platform.processor(),
           "cpu_count": os.cpu_count(), "python": platform.python_version(),
           "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+          "torch_device": str(TORCH_DEVICE),
           "torchattacks": torchattacks.__version__, "jax_device": evaluate.device_info()}
   try:
     info["load_average"] = os.getloadavg()
@@ -531,6 +538,8 @@ def parse_args(argv=None):
   p.add_argument("--repeats", type=int, default=1,
                  help="runs of each attack per framework, alternating; the fastest counts "
                  "(2 or more on a loaded machine; JAX's later runs are compiled already)")
+  p.add_argument("--torch-device", default="cpu",
+                 help="where torchattacks runs: cpu (default) or cuda (with JAX on a GPU)")
   p.add_argument("--tolerance", type=float, default=1.0, help="percentage points")
   p.add_argument("--out", default=os.path.join(HERE, "results", "parity_autoattack.json"))
   args = p.parse_args(argv)
@@ -566,6 +575,8 @@ def parse_args(argv=None):
 def main(argv=None):
   args = parse_args(argv)
   import torch  # pylint: disable=g-import-not-at-top
+  global TORCH_DEVICE
+  TORCH_DEVICE = torch.device(args.torch_device)
   if args.threads > 0:
     torch.set_num_threads(args.threads)
   jax.config.update("jax_compilation_cache_dir",
@@ -589,7 +600,8 @@ def main(argv=None):
   x = images[:200].astype(np.float32) / 255
   jax_logits = np.asarray(logits_fn(jnp.asarray(x)))
   with torch.no_grad():
-    torch_logits = net(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()).numpy()
+    torch_logits = net(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+                       .to(TORCH_DEVICE)).cpu().numpy()
   logit_diff = float(np.max(np.abs(jax_logits - torch_logits)))
   print(f"max |logits JAX - torch| on 200 points: {logit_diff:.2e}")
 
