@@ -8,7 +8,8 @@ forward pass, the input gradient and the weight gradient of one convolution
 of the first stage, timed alone, and the weight gradient written three other
 ways in JAX: im2col patches times the output gradient (one dot contracting
 over batch and pixels), that dot alone on ready-made patches (the GEMM's own
-speed), and nine dots on shifted views. JSON goes to `--out`.
+speed), and nine dots on shifted views; then the three passes again with
+channel-major operands (NCHW, OIHW). JSON goes to `--out`.
 """
 
 from __future__ import annotations
@@ -90,11 +91,28 @@ def main(argv=None):
               :, i:i + s, j:j + s, :], g) for i in range(3) for j in range(3)]
       ).reshape(3, 3, c, c)), (x, g)),
   }
+  # The same three passes with channel-major operands (PyTorch's NCHW and
+  # OIHW): whether XLA:CPU's layout copies depend on the logical layout.
+  x_cm, g_cm = x.transpose(0, 3, 1, 2), g.transpose(0, 3, 1, 2)
+  k_cm = k.transpose(3, 2, 0, 1)
+
+  def conv_cm(x, k):
+    return jax.lax.conv_general_dilated(x, k, (1, 1), pad,
+                                        dimension_numbers=("NCHW", "OIHW", "NCHW"))
+
+  forms["forward_nchw"] = (jax.jit(conv_cm), (x_cm, k_cm))
+  forms["input_grad_nchw"] = (
+      jax.jit(lambda g: jax.vjp(lambda z: conv_cm(z, k_cm), x_cm)[1](g)[0]), (g_cm,))
+  forms["weight_grad_nchw"] = (
+      jax.jit(lambda x, g: jax.vjp(lambda kk: conv_cm(x, kk), k_cm)[1](g)[0]), (x_cm, g_cm))
   reference = forms["weight_grad"][0](x, g)
   rows = {}
   for name, (fn, fn_args) in forms.items():
     if name.startswith("weight_grad") and name != "weight_grad_gemm_only":
-      np.testing.assert_allclose(fn(*fn_args), reference, rtol=1e-3,
+      value = fn(*fn_args)
+      if name.endswith("_nchw"):
+        value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+      np.testing.assert_allclose(value, reference, rtol=1e-3,
                                  atol=1e-3 * float(jnp.max(jnp.abs(reference))))
     rows[name] = {"jax_ms": _best_ms(fn, *fn_args)}
 
