@@ -46,7 +46,7 @@ Grids (`GRIDS`):
   overfitting: `experiments/results/sweep_advlc_ro_5k_40ep/`. `--full`: the
   `advlc` variant as published (200 epochs, full data), 1 seed.
 * `eps_sweep`: GradAlign Fig. 1/8 in small: PreActResNet-18 at widths
-  (16, 32, 64, 128), 10,000 training images, 10 epochs, ε in {8, 16}/255, FGSM,
+  (16, 32, 64, 128), 10,000 training images, 10 epochs, ε in {8, 12, 16}/255, FGSM,
   FGSM-RS, FGSM + GradAlign, N-FGSM, ZeroGrad, PGD-2, 2 seeds; `--full`: the
   full network and training set, 30 epochs, ε in {4, 8, 12, 16}, 5 seeds
   (GradAlign's setting). Sized for about 10 minutes a cell; measured on this
@@ -132,7 +132,7 @@ GRIDS = {
             "elle": Method("fgsm_elle", 3, runs_to_the_end=True),
         }),
     "eps_sweep": Grid(
-        base="fgsm", eps=(8.0, 16.0), overrides=_SMALL_PREACT,
+        base="fgsm", eps=(8.0, 12.0, 16.0), overrides=_SMALL_PREACT,
         methods={
             "fgsm": Method("fgsm", 2),
             "fgsm_rs": Method("fgsm_rs", 2),
