@@ -54,7 +54,8 @@ Grids (`GRIDS`):
   GradAlign) at 8/255 with two cells side by side, 36-85 minutes at 16/255
   at low priority (the first cell, FGSM at 16/255: 78 minutes, a third of it
   the per-epoch evaluations on 500 test points and the model selection,
-  PGD-10 on 256 training points every 200 steps).
+  PGD-10 on 256 training points every 200 steps); 19-20 minutes a cell at
+  12/255, two side by side at low priority.
 """
 
 from __future__ import annotations
