@@ -492,7 +492,9 @@ def machine_info(args) -> dict[str, Any]:
           "versions": {"jax": jax.__version__, "jaxlib": jax.lib.__version__
                        if hasattr(jax.lib, "__version__") else None,
                        "flax": flax.__version__, "optax": optax.__version__,
-                       "numpy": np.__version__}}
+                       "numpy": np.__version__},
+          # As JAX read it, the library's CPU defaults included: every number depends on it.
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
   try:
     with open("/proc/meminfo") as f:
       info["mem_total_kb"] = int(f.readline().split()[1])
