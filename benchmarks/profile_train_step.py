@@ -137,7 +137,11 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--method", default="fgsm")
   parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--model", default=None,
+                      help="a bench_train_step.py model (default: its PreActResNet-18)")
   parser.add_argument("--widths", default=None, help="e.g. 16,32,64,128")
+  parser.add_argument("--set", dest="settings", action="append", default=[],
+                      help="name=value: a config setting of the JAX step (as in bench_train_step.py)")
   parser.add_argument("--steps", type=int, default=2)
   parser.add_argument("--top", type=int, default=10, help="slowest single JAX ops to list")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
@@ -145,8 +149,12 @@ def main(argv=None):
   args = parser.parse_args(argv)
   os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
   bench_argv = ["--batch", str(args.batch), "--methods", args.method]
+  if args.model:
+    bench_argv += ["--model", args.model]
   if args.widths:
     bench_argv += ["--widths", args.widths]
+  for setting in args.settings:
+    bench_argv += ["--set", setting]
   bench_args = bench.parse_args(bench_argv)
   bench_args.torch_device = "cpu"
   jax_result = profile_jax(args.method, bench_args, args.steps, args.top)
@@ -166,7 +174,7 @@ def main(argv=None):
   for row in jax_result["slowest_ops"]:
     print(f"    {row['ms']:8.1f} ms  {row['op']:32s} {row['hlo'][:110]}")
   record = {"benchmark": "profile_train_step", "method": args.method, "batch": args.batch,
-            "widths": args.widths, "steps": args.steps,
+            "model": args.model, "settings": args.settings, "widths": args.widths, "steps": args.steps,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": bench.machine_info(bench_args), "load_average_end": os.getloadavg(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),

@@ -200,22 +200,25 @@ def test_image_conv_matches_xla_convolution_to_second_order(stride, pad):
 
 
 def test_im2col_stem_is_the_same_model(images):
-  """`im2col_stem` changes how the stem convolution is computed, nothing else;
-  the evaluation closure sets it on CPU, the train step's model does not."""
+  """`im2col_stem` changes how the stem convolution is computed, nothing else:
+  the same logits, input and parameter gradients. The evaluation closure sets
+  it on CPU; the train step's model has it only when the config asks."""
   from fastadv_jax import closures, config_base, train_state  # pylint: disable=g-import-not-at-top
   model = models.get_model("simple_cnn", filters=4)
   variables = random_variables(model, seed=2)
-  im2col = model.clone(im2col_stem=True)
+  im2col = models.get_model("simple_cnn", filters=4, im2col_stem=True)
   labels = jnp.arange(BATCH) % 10
 
-  def input_grad(m):
-    loss = lambda x: -jnp.mean(jax.nn.log_softmax(m.apply(variables, x))[jnp.arange(BATCH),
-                                                                       labels])
-    return jax.jit(jax.grad(loss))(images)
+  def grads(m):
+    loss = lambda v, x: -jnp.mean(jax.nn.log_softmax(m.apply(v, x))[jnp.arange(BATCH),
+                                                                   labels])
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(variables, images)
 
   np.testing.assert_allclose(apply_eval(im2col, variables, images),
                              apply_eval(model, variables, images), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(input_grad(im2col), input_grad(model), rtol=1e-4, atol=1e-7)
+  got, want = grads(im2col), grads(model)
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7 * float(jnp.max(jnp.abs(b))) + 1e-9)
   config = config_base.load_config_file(
       os.path.join(os.path.dirname(__file__), "..", "configs", "cifar10.py"), "cnn_fgsm")
   for dtype in (None, "float32"):
@@ -223,6 +226,10 @@ def test_im2col_stem_is_the_same_model(images):
     assert not built.im2col_stem
     assert closures.eval_logits_fn(built, variables).model.im2col_stem == (
         jax.default_backend() == "cpu")
+  config.model.kwargs.im2col_stem = True
+  assert train_state.create_model(config).im2col_stem
+  with pytest.raises(ValueError, match="im2col_stem 'yes'"):
+    models.get_model("simple_cnn", im2col_stem="yes")
 
 
 def test_remat_is_the_same_function_and_gradients(tiny_preact, images):

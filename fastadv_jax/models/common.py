@@ -17,14 +17,12 @@ conventions where they matter for reproducing published numbers:
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.custom_derivatives import SymbolicZero
 
 from fastadv_jax import _checks
 
@@ -109,10 +107,11 @@ def check_init(init: str) -> None:
 # Input channels up to which `conv(..., im2col=True)` runs as patches x matrix
 # (the image convolution, 3 channels in). XLA:CPU's own convolution is slow for
 # so few input channels: on a 2-core CPU the single-layer CNN's forward pass
-# and input gradient ran 1.3-2.6x faster as im2col, its weight gradient and
-# GradAlign's double backprop slower (benchmarks/bench_input_conv.py,
-# benchmarks/README_parity.md); hence the mixed rule of `image_conv`, and its
-# use only in evaluation (`closures.eval_logits_fn` sets it on CPU).
+# and input gradient ran 1.3-2.6x faster as im2col (benchmarks/bench_input_conv.py,
+# benchmarks/README_parity.md), and its FGSM train step 1.2-1.3x faster
+# (benchmarks/README.md, "The single-layer CNN's train step"); GradAlign's
+# double backprop ran slower. Evaluation sets it on CPU
+# (`closures.eval_logits_fn`); training takes it as a model keyword.
 IM2COL_MAX_IN_FEATURES = 4
 
 
@@ -132,43 +131,15 @@ def _patches(x, kernel_hw, strides, padding):
   return views.reshape(views.shape[:3] + (-1,))
 
 
-def _im2col_conv(x, kernel, strides, padding):
+def image_conv(x, kernel, strides, padding):
+  """`lax.conv_general_dilated` (NHWC, HWIO, explicit padding) computed as
+  im2col: the patches of `x` times the flattened kernel. The same function to
+  float rounding, differentiated by JAX like any matmul: the weight gradient
+  reuses the forward pass's patches (faster than XLA:CPU's convolution for an
+  image's few channels, and no convolution left in any derivative).
+  """
   kh, kw, c, f = kernel.shape
   return jnp.dot(_patches(x, (kh, kw), strides, padding), kernel.reshape(kh * kw * c, f))
-
-
-def _xla_conv(x, kernel, strides, padding):
-  return jax.lax.conv_general_dilated(x, kernel, strides, padding,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def image_conv(x, kernel, strides, padding):
-  """`lax.conv_general_dilated` (NHWC, HWIO, explicit padding), computed for
-  inputs with few channels as im2col in the forward pass and in the input
-  tangent, and as XLA's convolution in the kernel tangent (whose transpose is
-  the weight gradient). The same function to float rounding, differentiable in
-  both modes and to any order.
-  """
-  return _im2col_conv(x, kernel, strides, padding)
-
-
-def _image_conv_jvp(strides, padding, primals, tangents):
-  x, kernel = primals
-  x_dot, kernel_dot = tangents
-  out = _im2col_conv(x, kernel, strides, padding)
-  tangent = None
-  if not isinstance(x_dot, SymbolicZero):
-    tangent = _im2col_conv(x_dot, kernel, strides, padding)
-  if not isinstance(kernel_dot, SymbolicZero):
-    from_kernel = _xla_conv(x, kernel_dot, strides, padding)
-    tangent = from_kernel if tangent is None else tangent + from_kernel
-  if tangent is None:
-    tangent = jnp.zeros_like(out)
-  return out, tangent
-
-
-image_conv.defjvp(_image_conv_jvp, symbolic_zeros=True)
 
 
 class _ImageConv:

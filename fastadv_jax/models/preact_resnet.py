@@ -92,9 +92,10 @@ class PreActResNet(nn.Module):
       FGSM-RS, ...) faster and GradAlign's double backprop slower
       (benchmarks/README.md, "Rematerialization").
     im2col_stem: compute the stem convolution (the image) as im2col
-      (`common.image_conv`): the same function and parameters, faster input
+      (`common.image_conv`): the same function and parameters, faster
       gradients on CPU, slower double backprop; the evaluation closure
-      (`closures.eval_logits_fn`) sets it on CPU.
+      (`closures.eval_logits_fn`) sets it on CPU, training takes it as the
+      model keyword `im2col_stem` (`models.get_model`).
   """
   num_classes: int = 10
   stage_sizes: Sequence[int] = (2, 2, 2, 2)

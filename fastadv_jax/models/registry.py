@@ -58,7 +58,7 @@ def preact_resnet18(*, num_classes: int = 10, dtype: Any = jnp.float32,
                     std: Optional[Sequence[float]] = None,
                     widths: Sequence[int] = (64, 128, 256, 512),
                     stage_sizes: Sequence[int] = (2, 2, 2, 2),
-                    remat: bool = False) -> PreActResNet:
+                    remat: bool = False, im2col_stem: bool = False) -> PreActResNet:
   """PreActResNet-18; the defaults are the GradAlign code's variant.
 
   Args:
@@ -72,6 +72,8 @@ def preact_resnet18(*, num_classes: int = 10, dtype: Any = jnp.float32,
     widths, stage_sizes: channels and blocks per stage (tiny test models).
     remat: recompute each block's activations in the backward pass (see
       `PreActResNet.remat`; a speed setting, the function is the same).
+    im2col_stem: compute the stem convolution as im2col (see
+      `PreActResNet.im2col_stem`; a speed setting on CPU, the same function).
   Returns:
     A `PreActResNet` module.
   """
@@ -79,10 +81,11 @@ def preact_resnet18(*, num_classes: int = 10, dtype: Any = jnp.float32,
   _checks.check_choice("shortcut", shortcut, SHORTCUTS)
   _check_stages(stage_sizes, widths)
   _checks.check_choice("remat", remat, (False, True))
+  _checks.check_choice("im2col_stem", im2col_stem, (False, True))
   return PreActResNet(num_classes=int(num_classes), stage_sizes=tuple(map(int, stage_sizes)),
                       widths=tuple(map(int, widths)), final_bn=bool(final_bn),
                       shortcut=shortcut, init_scheme=init, mean=_tuple(mean), std=_tuple(std),
-                      dtype=dtype, remat=bool(remat))
+                      dtype=dtype, remat=bool(remat), im2col_stem=bool(im2col_stem))
 
 
 def _preset(base: Callable[..., nn.Module], doc: str, **preset_kwargs) -> Callable[..., nn.Module]:
@@ -125,25 +128,33 @@ def resnet50(*, num_classes: int = 10, dtype: Any = jnp.float32, init: str = "to
              mean: Optional[Sequence[float]] = common.IMAGENET_MEAN,
              std: Optional[Sequence[float]] = common.IMAGENET_STD,
              widths: Sequence[int] = (64, 128, 256, 512),
-             stage_sizes: Sequence[int] = (3, 4, 6, 3)) -> ResNet:
+             stage_sizes: Sequence[int] = (3, 4, 6, 3),
+             im2col_stem: bool = False) -> ResNet:
   """torchvision-layout ResNet-50 (25,557,032 parameters with num_classes=1000).
 
   Normalizes with the ImageNet mean/std by default, as Wong et al.'s ImageNet
   code does in its data loader; pass mean=None, std=None for none.
+  `im2col_stem`: see `ResNet.im2col_stem` (a speed setting on CPU).
   """
   _check_common(num_classes, dtype, init, mean, std)
   _check_stages(stage_sizes, widths)
+  _checks.check_choice("im2col_stem", im2col_stem, (False, True))
   return ResNet(num_classes=int(num_classes), stage_sizes=tuple(map(int, stage_sizes)),
                 widths=tuple(map(int, widths)), init_scheme=init, mean=_tuple(mean),
-                std=_tuple(std), dtype=dtype)
+                std=_tuple(std), dtype=dtype, im2col_stem=bool(im2col_stem))
 
 
 def wide_resnet(*, num_classes: int = 10, dtype: Any = jnp.float32, depth: int = 34,
                 widen_factor: int = 10, init: str = "wrn",
                 mean: Optional[Sequence[float]] = None,
-                std: Optional[Sequence[float]] = None) -> WideResNet:
-  """WideResNet-depth-widen_factor in the Madry / TRADES / Rice layout."""
+                std: Optional[Sequence[float]] = None,
+                im2col_stem: bool = False) -> WideResNet:
+  """WideResNet-depth-widen_factor in the Madry / TRADES / Rice layout.
+
+  `im2col_stem`: see `WideResNet.im2col_stem` (a speed setting on CPU).
+  """
   _check_common(num_classes, dtype, init, mean, std)
+  _checks.check_choice("im2col_stem", im2col_stem, (False, True))
   if not isinstance(depth, (int, np.integer)) or depth < 10 or (depth - 4) % 6:
     raise ValueError(
         f"WideResNet depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 34, ...), got {depth!r}.")
@@ -151,7 +162,7 @@ def wide_resnet(*, num_classes: int = 10, dtype: Any = jnp.float32, depth: int =
     raise ValueError(f"widen_factor must be a positive integer, got {widen_factor!r}.")
   return WideResNet(depth=int(depth), widen_factor=int(widen_factor),
                     num_classes=int(num_classes), init_scheme=init, mean=_tuple(mean),
-                    std=_tuple(std), dtype=dtype)
+                    std=_tuple(std), dtype=dtype, im2col_stem=bool(im2col_stem))
 
 
 def _fixed_wrn(depth: int, widen_factor: int) -> Callable[..., WideResNet]:
@@ -172,13 +183,20 @@ def _fixed_wrn(depth: int, widen_factor: int) -> Callable[..., WideResNet]:
 
 def simple_cnn(*, num_classes: int = 10, dtype: Any = jnp.float32, filters: int = 4,
                init: str = "he_fan_out", mean: Optional[Sequence[float]] = None,
-               std: Optional[Sequence[float]] = None) -> SimpleCNN:
-  """Single-layer CNN of GradAlign §4: conv3x3(filters, bias) -> ReLU -> linear."""
+               std: Optional[Sequence[float]] = None, im2col_stem: bool = False) -> SimpleCNN:
+  """Single-layer CNN of GradAlign §4: conv3x3(filters, bias) -> ReLU -> linear.
+
+  `im2col_stem` computes the convolution as im2col (`SimpleCNN.im2col_stem`):
+  the same function and parameters, a faster FGSM/PGD train step on CPU
+  (benchmarks/README.md), a slower GradAlign one.
+  """
   _check_common(num_classes, dtype, init, mean, std)
+  _checks.check_choice("im2col_stem", im2col_stem, (False, True))
   if not isinstance(filters, (int, np.integer)) or filters < 1:
     raise ValueError(f"filters must be a positive integer, got {filters!r}.")
   return SimpleCNN(num_classes=int(num_classes), filters=int(filters), init_scheme=init,
-                   mean=_tuple(mean), std=_tuple(std), dtype=dtype)
+                   mean=_tuple(mean), std=_tuple(std), dtype=dtype,
+                   im2col_stem=bool(im2col_stem))
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {

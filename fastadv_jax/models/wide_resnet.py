@@ -73,9 +73,10 @@ class WideResNet(nn.Module):
     mean, std: per-channel normalization inside the model (None: none).
     dtype: compute dtype; parameters and logits are float32.
     im2col_stem: compute the stem convolution (the image) as im2col
-      (`common.image_conv`): the same function and parameters, faster input
+      (`common.image_conv`): the same function and parameters, faster
       gradients on CPU, slower double backprop; the evaluation closure
-      (`closures.eval_logits_fn`) sets it on CPU.
+      (`closures.eval_logits_fn`) sets it on CPU, training takes it as the
+      model keyword `im2col_stem` (`models.get_model`).
   """
   depth: int = 34
   widen_factor: int = 10
