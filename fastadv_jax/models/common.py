@@ -109,7 +109,7 @@ def check_init(init: str) -> None:
 # so few input channels: on a 2-core CPU the single-layer CNN's forward pass
 # and input gradient ran 1.3-2.6x faster as im2col (benchmarks/bench_input_conv.py,
 # benchmarks/README_parity.md), and its FGSM train step 1.2-1.3x faster
-# (benchmarks/README.md, "The single-layer CNN's train step"); GradAlign's
+# (benchmarks/README.md, "The single-layer CNN with an im2col stem"); GradAlign's
 # double backprop ran slower. Evaluation sets it on CPU
 # (`closures.eval_logits_fn`); training takes it as a model keyword.
 IM2COL_MAX_IN_FEATURES = 4
