@@ -92,8 +92,13 @@ about 10 minutes on a V100 in the papers; GradAlign about 3x that). The
 """
 
 from fastadv_jax import config_base
+from fastadv_jax import regularizers
 
 import ml_collections
+
+# The exact formulation of the input-gradient penalties (GradAlign, CURE, IGR):
+# --config.regularizers.grad_align.formulation=forward_over_reverse etc.
+_FORMULATION = regularizers.DEFAULT_FORMULATION
 
 
 def _regularizer(weight: float | None = None, lambda_rule: str = "", **hparams):
@@ -194,20 +199,20 @@ def get_config(variant: str = "gradalign") -> ml_collections.ConfigDict:
   elif variant == "gradalign":
     attack.name = "fgsm"
     config.schedule.lr_max = 0.3  # released GradAlign script
-    config.regularizers.grad_align = _regularizer(lambda_rule="cifar10")
+    config.regularizers.grad_align = _regularizer(lambda_rule="cifar10", formulation=_FORMULATION)
   elif variant in ("pgd2", "pgd10", "pgd2_gradalign"):
     steps = 2 if variant.startswith("pgd2") else 10
     attack.name = "pgd"
     attack.step_eps_ratio = 0.5 if steps == 2 else 0.2
     attack.kwargs = ml_collections.ConfigDict(dict(steps=steps, random_start=False))
     if variant == "pgd2_gradalign":
-      config.regularizers.grad_align = _regularizer(weight=0.1)
+      config.regularizers.grad_align = _regularizer(weight=0.1, formulation=_FORMULATION)
   elif variant == "cure":
     attack.name = "fgsm"
-    config.regularizers.cure = _regularizer(weight=700.0)
+    config.regularizers.cure = _regularizer(weight=700.0, formulation=_FORMULATION)
   elif variant == "igr":
     attack.name = "fgsm"
-    config.regularizers.input_grad_norm = _regularizer(weight=1000.0)
+    config.regularizers.input_grad_norm = _regularizer(weight=1000.0, formulation=_FORMULATION)
   elif variant == "fgsm_early_stop":
     attack.name = "fgsm"
     attack.step = 7.0  # best/ is the early-stopped state (model selection above)

@@ -18,6 +18,7 @@ The data must be prepared once as TFDS ArrayRecord (see README, "Datasets").
 """
 
 from fastadv_jax import config_base
+from fastadv_jax import regularizers
 
 import ml_collections
 
@@ -56,6 +57,6 @@ def get_config(variant: str = "fgsm_rs") -> ml_collections.ConfigDict:
   config.augment.update(padding=0, flip=True)
   if variant == "gradalign":
     config.regularizers.grad_align = ml_collections.ConfigDict(
-        dict(weight=0.01, lambda_rule=""))
+        dict(weight=0.01, lambda_rule="", formulation=regularizers.DEFAULT_FORMULATION))
     config.imagenet_phases.batch_sizes = [512, 180, 100]
   return config

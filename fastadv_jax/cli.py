@@ -19,6 +19,7 @@ JAX's persistent compilation cache is on (FASTADV_JAX_CACHE or
 
 from __future__ import annotations
 
+import difflib
 import glob
 import logging as py_logging
 import os
@@ -138,6 +139,39 @@ def _help_text(prog: str, summary: str, argv, examples: list[str],
   return "\n".join(lines)
 
 
+def _unknown_config_field(args: list[str]) -> ValueError | None:
+  """The `--config.a.b=...` override naming a field the config does not have,
+  as an error listing the fields there (ml_collections says only the key)."""
+  try:
+    import ml_collections  # pylint: disable=g-import-not-at-top
+    from fastadv_jax import config_base  # pylint: disable=g-import-not-at-top
+    spec = next(a.split("=", 1)[1] if a.startswith("--config=") else args[i + 1]
+                for i, a in enumerate(args) if a.startswith("--config=") or a == "--config")
+    path, _, variant = spec.rpartition(":") if ":" in spec else (spec, "", "")
+    config = config_base.load_config_file(path, variant or None) if variant else \
+        config_base.load_config_file(path).get_config()
+    for arg in args:
+      if not arg.startswith("--config."):
+        continue
+      dotted = arg[len("--config."):].split("=", 1)[0]
+      node, parts = config, dotted.split(".")
+      for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth]) or "the config"
+        if not isinstance(node, ml_collections.ConfigDict):
+          return ValueError(f"--config.{dotted}: {where} is a value "
+                            f"({node!r}), not a section with fields.")
+        if part not in node:
+          close = difflib.get_close_matches(part, list(node.keys()), n=1)
+          hint = f" Did you mean {close[0]!r}?" if close else ""
+          return ValueError(
+              f"--config.{dotted}: {where} has no field {part!r}.{hint} Its fields: "
+              f"{', '.join(sorted(node.keys())) or '(none)'}.")
+        node = node[part]
+  except Exception:  # pylint: disable=broad-except
+    return None  # fall back to ml_collections' own message
+  return None
+
+
 def _run(prog: str, summary: str, main, argv, examples: list[str],
          with_variants: bool = False) -> None:
   """Parses flags and runs `main`, with the help and error behaviour above."""
@@ -163,7 +197,9 @@ def _run(prog: str, summary: str, main, argv, examples: list[str],
       cause = e.__cause__ or e.__context__
       fail(cause if isinstance(cause, (ValueError, AttributeError, KeyError,
                                        FileNotFoundError)) else e, EXIT_USAGE)
-    except (ValueError, AttributeError, KeyError, FileNotFoundError) as e:
+    except (KeyError, AttributeError) as e:
+      fail(_unknown_config_field(args) or e, EXIT_USAGE)
+    except (ValueError, FileNotFoundError) as e:
       fail(e, EXIT_USAGE)
 
   def guarded(argv):

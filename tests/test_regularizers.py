@@ -205,10 +205,11 @@ def test_parameter_gradient_matches_finite_differences(float64_results, case):
 @pytest.mark.parametrize("family", FORMULATION_FAMILIES)
 def test_formulations_agree_in_float64(float64_results, family):
   _hparams(CASES[f"{family}/reverse_over_forward"][0])
-  a = float64_results[f"{family}/reverse_over_forward"]
   b = float64_results[f"{family}/reverse_over_reverse"]
-  assert a[0] == pytest.approx(b[0], rel=1e-12)
-  chex.assert_trees_all_close(a[3], b[3], rtol=1e-9, atol=1e-13)
+  for form in R.FORMULATIONS:
+    a = float64_results[f"{family}/{form}"]
+    assert a[0] == pytest.approx(b[0], rel=1e-12), form
+    chex.assert_trees_all_close(a[3], b[3], rtol=1e-9, atol=1e-13)
 
 
 def test_differentiating_both_gradients_changes_the_gradient(float64_results):
@@ -286,14 +287,14 @@ def _flat_tree(tree):
 
 
 def test_formulations_agree_on_preact_resnet_with_batchnorm(resnet_results):
-  (va, ga), (vb, gb) = (resnet_results["reverse_over_forward"],
-                        resnet_results["reverse_over_reverse"])
-  assert 0 < float(va) < 2
-  assert abs(float(va) - float(vb)) <= 1e-5 * abs(float(vb))
-  fa, fb = _flat_tree(ga), _flat_tree(gb)
-  assert float(jnp.linalg.norm(fb)) > 0
-  rel = float(jnp.linalg.norm(fa - fb) / jnp.linalg.norm(fb))
-  assert rel < 1e-5, rel
+  vb, gb = resnet_results["reverse_over_reverse"]
+  fb = _flat_tree(gb)
+  assert 0 < float(vb) < 2 and float(jnp.linalg.norm(fb)) > 0
+  for form in ("reverse_over_forward", "forward_over_reverse"):
+    va, ga = resnet_results[form]
+    assert abs(float(va) - float(vb)) <= 1e-5 * abs(float(vb)), form
+    rel = float(jnp.linalg.norm(_flat_tree(ga) - fb) / jnp.linalg.norm(fb))
+    assert rel < 1e-5, (form, rel)
 
 
 # ---------------------------------------------------------------------------

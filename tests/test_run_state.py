@@ -397,7 +397,10 @@ CLI_MISTAKES = [
     (["--config.final_eval.n=17"], "final_eval.n=17 is larger than the cifar10 test set"),
     (["--config.evals.test.n=0"], r"evals\['test'\].n=0"),
     (["--config.attack.name=fgsmm"], "Unknown attack.name 'fgsmm'. Did you mean 'fgsm'"),
-    (["--config.epss=3"], 'Did you mean "eps"'),
+    (["--config.epss=3"], r"--config.epss: the config has no field 'epss'. Did you mean 'eps'\?"),
+    (["--config.schedule.lr_maxx=0.1"],
+     r"schedule has no field 'lr_maxx'. Did you mean 'lr_max'\? Its fields: .*lr_max"),
+    (["--config.eps.x=1"], r"--config.eps.x: eps is a value \(10.0\), not a section"),
     (["--config=%s:cnn_fgms" % CONFIG], "Unknown CIFAR-10 variant 'cnn_fgms'. Did you mean"),
 ]
 

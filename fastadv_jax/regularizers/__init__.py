@@ -15,8 +15,18 @@ formulation computes it:
   outer `jax.grad`. Since d/dθ ⟨∇ₓℓ(x'; θ), v⟩ = (∂g/∂θ)ᵀ v = dR/dθ, the
   surrogate has exactly the parameter gradient of R; the returned scalar is
   ``stop_gradient(R) + (S - stop_gradient(S))``, so its value is R itself.
+* ``"forward_over_reverse"``: g and v as above; then the mixed second
+  derivative is taken directly, h = d/dt ∇_θ ℓ(x' + t v; θ) at t = 0 (one
+  `jax.jvp` of `jax.grad` with respect to the traced values the loss closure
+  captures, found by `jax.closure_convert`), which equals (∂g/∂θ)ᵀ v by the
+  symmetry of second derivatives. The surrogate is S = ⟨stop_gradient(h), θ⟩
+  (and the same for x'), returned as above. For PreActResNet-18 it has the
+  fewest flops of the three (GradAlign's step 2.01x FGSM's by XLA's count,
+  against 2.15x reverse-over-forward) but ran no faster on a 2-core CPU,
+  where its extra weight-gradient convolutions pay layout copies
+  (benchmarks/README.md, "Forward-over-reverse"); not measured on a GPU.
 
-Both are exact (they agree to float rounding, checked by the tests on a
+All three are exact (they agree to float rounding, checked by the tests on a
 PreActResNet with BatchNorm in batch mode, where the batch statistics couple the
 examples). Which one is faster depends on the backend; see
 ``benchmarks/bench_gradalign.py`` and `DEFAULT_FORMULATION`.
@@ -60,9 +70,10 @@ from fastadv_jax import closures
 Array = jax.Array
 LossClosure = Callable[[Array], Array]
 
-FORMULATIONS = ("reverse_over_forward", "reverse_over_reverse")
-# Measured with benchmarks/bench_gradalign.py (PreActResNet-18, CIFAR-size
-# inputs, CPU): reverse-over-forward is the faster of the two exact formulations.
+FORMULATIONS = ("reverse_over_forward", "reverse_over_reverse", "forward_over_reverse")
+# Measured with benchmarks/bench_gradalign.py and bench_train_step.py
+# (PreActResNet-18, CIFAR-size inputs, CPU): reverse-over-forward is faster than
+# double backprop and as fast as forward-over-reverse (benchmarks/README.md).
 DEFAULT_FORMULATION = "reverse_over_forward"
 
 # Conventions for penalties of input gradients (CURE, IGR); see `_scale_factor`.
@@ -112,9 +123,10 @@ def exact_grad_penalty(loss_fn: LossClosure, points: Sequence[Array],
     penalty_fn: `penalty_fn(*grads) -> scalar`, a differentiable function of
       the input gradients (anything it closes over is a constant for it).
     formulation: "reverse_over_forward" (surrogate from `jax.jvp`, see the
-      module docstring) or "reverse_over_reverse" (double backprop).
+      module docstring), "forward_over_reverse" (surrogate from the mixed
+      second derivative) or "reverse_over_reverse" (double backprop).
     grads: optional precomputed values of the input gradients at `points`
-      (used only by "reverse_over_forward", which needs their values but not
+      (used only by the two surrogate formulations, which need their values but not
       their derivatives; saves one backward pass each).
   Returns:
     A scalar equal to the penalty whose gradient with respect to anything
@@ -133,13 +145,45 @@ def exact_grad_penalty(loss_fn: LossClosure, points: Sequence[Array],
       lambda gs: penalty_fn(*gs))(list(grads))
   surrogate = 0.0
   for point, v in zip(points, cotangents):
-    # <∇ₓℓ(p), v> as a directional derivative: its gradient wrt the parameters
-    # is (∂∇ₓℓ/∂θ)ᵀ v, the chain rule through the penalty.
-    _, directional = jax.jvp(loss_fn, (point,), (jax.lax.stop_gradient(v).astype(point.dtype),))
-    surrogate = surrogate + directional
+    v = jax.lax.stop_gradient(v).astype(point.dtype)
+    if formulation == "forward_over_reverse":
+      surrogate = surrogate + _mixed_derivative_surrogate(loss_fn, point, v)
+    else:
+      # <∇ₓℓ(p), v> as a directional derivative: its gradient wrt the parameters
+      # is (∂∇ₓℓ/∂θ)ᵀ v, the chain rule through the penalty.
+      _, directional = jax.jvp(loss_fn, (point,), (v,))
+      surrogate = surrogate + directional
   value = jax.lax.stop_gradient(value)
   # `value + (S - sg(S))` rather than `(value + S) - sg(S)`: S - S is exactly 0.
   return value + (surrogate - jax.lax.stop_gradient(surrogate))
+
+
+def _mixed_derivative_surrogate(loss_fn: LossClosure, point: Array, v: Array) -> Array:
+  """S = Σ_c ⟨stop_gradient(h_c), c⟩ with h_c = d/dt ∇_c ℓ(point + t v) at t = 0.
+
+  c runs over the point and the floating-point values `loss_fn` captures that
+  are traced (the parameters inside the train step's `jax.grad`), so
+  ∂S/∂c = h_c = (∂∇ₓℓ/∂c)ᵀ v: the parameter gradient of ⟨∇ₓℓ(point), v⟩
+  (symmetry of second derivatives), computed forward-over-reverse.
+  """
+  # A fresh lambda: closure_convert caches by the function, and a LossFn is unhashable.
+  converted, captured = jax.closure_convert(lambda x: loss_fn(x), point)  # pylint: disable=unnecessary-lambda
+  wrt = [i for i, c in enumerate(captured) if jnp.issubdtype(jnp.result_type(c), jnp.inexact)]
+  held = [jax.lax.stop_gradient(c) for c in captured]
+
+  def gradients(x):
+    def loss(x, varied):
+      values = list(held)
+      for i, c in zip(wrt, varied):
+        values[i] = c
+      return converted(x, *values)
+    return jax.grad(loss, argnums=(0, 1))(x, [held[i] for i in wrt])
+
+  _, (h_point, h_captured) = jax.jvp(gradients, (jax.lax.stop_gradient(point),), (v,))
+  surrogate = jnp.vdot(jax.lax.stop_gradient(h_point), point)
+  for i, h in zip(wrt, h_captured):
+    surrogate = surrogate + jnp.vdot(jax.lax.stop_gradient(h), captured[i])
+  return surrogate
 
 
 def _at_least_f32(a: Array) -> Array:
@@ -227,8 +271,10 @@ def grad_align(loss_fn: LossClosure, x: Array, key: Optional[Array] = None, *, e
     grad_start: g₁ if the attack already computed it (an attack's
       `AttackOutput.grad_at_start`); otherwise it is computed at `x_start`.
     x_start: the attack's starting point (default: x).
-    formulation: "reverse_over_forward" (default, faster in our measurements)
-      or "reverse_over_reverse" (double backprop); both exact.
+    formulation: "reverse_over_forward" (default; on PreActResNet-18 on CPU as
+      fast as "forward_over_reverse", which has the fewest flops, and faster
+      than double backprop), "forward_over_reverse" or
+      "reverse_over_reverse" (double backprop); all exact.
     differentiate_both: False (the authors' code): g₁ is a constant
       (stop-gradient). True: both gradients are differentiated; g₁ is then
       recomputed at `x_start` so that its parameter derivative is exact and
@@ -401,7 +447,7 @@ def cure(loss_fn: LossClosure, x: Array, *, eps: Any, scale: str = DEFAULT_GRAD_
     clip: clip x + δ to the box [0, 1].
     grad_x: ∇ₓℓ(x) if already known (e.g. FGSM's `grad_at_start`), saves one
       backward pass. It must be the gradient at the current parameters: with
-      reverse-over-forward it is used as the value of a gradient whose
+      the surrogate formulations it is used as the value of a gradient whose
       parameter derivative is taken (the train step guarantees this).
   Returns:
     The scalar penalty (not yet multiplied by λ).
@@ -419,7 +465,7 @@ def cure(loss_fn: LossClosure, x: Array, *, eps: Any, scale: str = DEFAULT_GRAD_
     return c * jnp.sum((_flat(g_moved) - _flat(g_clean)) ** 2)
 
   grads = None
-  if formulation == "reverse_over_forward":
+  if formulation != "reverse_over_reverse":
     grads = (jax.lax.stop_gradient(g_x), jax.grad(loss_fn)(x_moved))
   return exact_grad_penalty(loss_fn, (x, x_moved), penalty, formulation=formulation,
                             grads=grads)
