@@ -147,9 +147,9 @@ def _unknown_config_field(args: list[str]) -> ValueError | None:
     from fastadv_jax import config_base  # pylint: disable=g-import-not-at-top
     spec = next(a.split("=", 1)[1] if a.startswith("--config=") else args[i + 1]
                 for i, a in enumerate(args) if a.startswith("--config=") or a == "--config")
-    path, _, variant = spec.rpartition(":") if ":" in spec else (spec, "", "")
-    config = config_base.load_config_file(path, variant or None) if variant else \
-        config_base.load_config_file(path).get_config()
+    path, sep, variant = spec.rpartition(":")
+    module = config_base.load_config_file(path if sep else spec)
+    config = module.get_config(variant) if sep else module.get_config()
     for arg in args:
       if not arg.startswith("--config."):
         continue
