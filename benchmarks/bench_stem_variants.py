@@ -6,8 +6,8 @@ Runs `bench_train_step.py` (its arguments after the variant's name) with
 
 * `im2col`: the library's own (patches times the flattened kernel, one dot);
 * `shift_add`: 27 shifted input channels times their kernel row, added up
-  (elementwise; `bench_input_conv.py`'s form);
-* `shift_dot`: 9 shifted inputs, each times its (C, F) kernel slice;
+  (elementwise), and `shift_dot`: 9 shifted inputs, each times its (C, F)
+  kernel slice (both `bench_input_conv.py`'s forms, stride 1 and padding 1);
 * `groups8`, `groups16`: im2col with the batch split into G groups and the
   kernel broadcast to G copies, so that the kernel gradient is G batched dots
   and a sum instead of one dot contracting over batch x pixels.
@@ -28,7 +28,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import fastadv_jax  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
+import bench_input_conv  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -36,31 +36,14 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fastadv_jax.models import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def _views(x, kernel_hw, strides, padding):
-  """The kh x kw shifted (strided) views of the padded x, each (B, H', W', C)."""
-  (kh, kw), (sh, sw) = kernel_hw, strides
-  x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-  out_h = (x.shape[1] - kh) // sh + 1
-  out_w = (x.shape[2] - kw) // sw + 1
-  return [(i, j, x[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw, :])
-          for i in range(kh) for j in range(kw)]
-
-
-def shift_add(x, kernel, strides, padding):
-  kh, kw, c, _ = kernel.shape
-  out = 0.0
-  for i, j, view in _views(x, (kh, kw), strides, padding):
-    for ch in range(c):
-      out = out + view[..., ch:ch + 1] * kernel[i, j, ch]
-  return out
-
-
-def shift_dot(x, kernel, strides, padding):
-  kh, kw, _, _ = kernel.shape
-  out = 0.0
-  for i, j, view in _views(x, (kh, kw), strides, padding):
-    out = out + jnp.dot(view, kernel[i, j])
-  return out
+def _same_padding_only(form):
+  """`bench_input_conv.py`'s form (stride 1, padding 1: the models' stems) as an
+  `image_conv` replacement."""
+  def conv(x, kernel, strides, padding):
+    if tuple(strides) != (1, 1) or tuple(map(tuple, padding)) != ((1, 1), (1, 1)):
+      raise ValueError(f"this form takes stride 1 and padding 1, got {strides}, {padding}.")
+    return form(x, kernel)
+  return conv
 
 
 def grouped(groups):
@@ -75,7 +58,9 @@ def grouped(groups):
   return conv
 
 
-VARIANTS = {"im2col": common.image_conv, "shift_add": shift_add, "shift_dot": shift_dot,
+VARIANTS = {"im2col": common.image_conv,
+            "shift_add": _same_padding_only(bench_input_conv.shift_add_conv),
+            "shift_dot": _same_padding_only(bench_input_conv.shift_dot_conv),
             "groups8": grouped(8), "groups16": grouped(16)}
 
 
@@ -83,10 +68,8 @@ def _check(conv) -> float:
   """Largest difference from XLA's convolution (batch 16, 4 filters)."""
   x = jax.random.uniform(jax.random.PRNGKey(0), (16, 32, 32, 3))
   kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 4))
-  pad = ((1, 1), (1, 1))
-  want = jax.lax.conv_general_dilated(x, kernel, (1, 1), pad,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  return float(np.max(np.abs(np.asarray(conv(x, kernel, (1, 1), pad) - want))))
+  got = conv(x, kernel, (1, 1), ((1, 1), (1, 1)))
+  return float(np.max(np.abs(np.asarray(got - bench_input_conv.xla_conv(x, kernel)))))
 
 
 def main(argv):

@@ -191,16 +191,17 @@ def _run(prog: str, summary: str, main, argv, examples: list[str],
     sys.exit(code)
 
   def parse(argv):
+    usage_errors = (ValueError, AttributeError, KeyError, FileNotFoundError)
     try:
       return flags.FLAGS(argv)
-    except flags.Error as e:
-      cause = e.__cause__ or e.__context__
-      fail(cause if isinstance(cause, (ValueError, AttributeError, KeyError,
-                                       FileNotFoundError)) else e, EXIT_USAGE)
-    except (KeyError, AttributeError) as e:
-      fail(_unknown_config_field(args) or e, EXIT_USAGE)
-    except (ValueError, FileNotFoundError) as e:
-      fail(e, EXIT_USAGE)
+    except (flags.Error, *usage_errors) as e:
+      error = e
+      if isinstance(e, flags.Error):
+        cause = e.__cause__ or e.__context__
+        error = cause if isinstance(cause, usage_errors) else e
+      if isinstance(error, (KeyError, AttributeError)):  # a config field that is not there
+        error = _unknown_config_field(args) or error
+      fail(error, EXIT_USAGE)
 
   def guarded(argv):
     _quiet_libraries(args)

@@ -11,6 +11,7 @@ import warnings
 import chex
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 import numpy as np
 import pytest
 
@@ -97,21 +98,17 @@ def test_gradalign_formulations_train_the_same_parameters():
   """The pmapped GradAlign step (FGSM + λ·Ω, BatchNorm in batch mode) gives the
   same parameters after two steps whichever surrogate formulation computes
   Ω's parameter gradient (float32: they differ by rounding only)."""
-  results = {}
-  for form in ("reverse_over_forward", "forward_over_reverse"):
+  def run(form, num_steps=2):
     config = tiny(load_config_module("cifar10").get_config("gradalign"), "preact_resnet18")
     config.dtype = "float32"
     config.regularizers.grad_align.formulation = form
-    state, metrics = run_steps(config)
-    results[form] = (np.concatenate([np.ravel(a) for a in
-                                     jax.tree_util.tree_leaves(state.params)]), metrics)
-  (p_a, m_a), (p_b, m_b) = results.values()
+    state, metrics = run_steps(config, num_steps=num_steps)
+    return ravel_pytree(state.params)[0], metrics
+
+  (p_a, m_a), (p_b, m_b) = run("reverse_over_forward"), run("forward_over_reverse")
   assert m_a["train/reg/grad_align"] > 1e-3  # the regularizer is active
   assert m_b["train/reg/grad_align"] == pytest.approx(m_a["train/reg/grad_align"], rel=1e-4)
-  initial = tiny(load_config_module("cifar10").get_config("gradalign"), "preact_resnet18")
-  initial.dtype = "float32"
-  moved = np.linalg.norm(p_a - np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(
-      run_steps(initial, num_steps=0)[0].params)]))
+  moved = np.linalg.norm(p_a - run("reverse_over_forward", num_steps=0)[0])
   assert moved > 0
   assert np.linalg.norm(p_a - p_b) <= 1e-4 * moved
 
