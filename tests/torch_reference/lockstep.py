@@ -335,10 +335,18 @@ def main(argv=None):
   parser.add_argument("--bn_updates", default="every_forward")
   parser.add_argument("--unbiased_running_var", action="store_true",
                       help="keep PyTorch's own BatchNorm (unbiased running variance)")
+  parser.add_argument("--formulation", default="",
+                      help="the exact formulation of GradAlign, CURE and IGR "
+                           "(regularizers.FORMULATIONS; default: the library's)")
   parser.add_argument("--json", default="")
   args = parser.parse_args(argv)
   torch.set_num_threads(1)
   table = cases(args.tie_rule)
+  if args.formulation:
+    for case in table.values():
+      for reg in ("grad_align", "cure", "input_grad_norm"):
+        if reg in case.regularizers:
+          case.regularizers[reg] = {**case.regularizers[reg], "formulation": args.formulation}
   names = list(table) if args.methods == "all" else args.methods.split(",")
   rows = []
   pairs = [(m, n) for m in args.models.split(",") if m for n in names]
@@ -350,7 +358,8 @@ def main(argv=None):
     res = run.run(args.steps)
     for step, diffs in res.items():
       row = dict(method=name, model=model_key, dtype=args.dtype, step=step,
-                 tie_rule=args.tie_rule, bn_updates=args.bn_updates, **diffs)
+                 tie_rule=args.tie_rule, bn_updates=args.bn_updates,
+                 formulation=args.formulation or "default", **diffs)
       row["max_rel"] = max(diffs[k] for k in COMPARED)
       rows.append(row)
       print(f"{model_key:7s} {name:13s} step {step:4d}  max rel {row['max_rel']:.2e}  " +
