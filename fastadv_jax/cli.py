@@ -172,6 +172,23 @@ def _unknown_config_field(args: list[str]) -> ValueError | None:
   return None
 
 
+def _config_file_error(error: BaseException) -> BaseException:
+  """The cause, in one sentence, of ml_collections' errors loading a config file.
+
+  ml_collections reports a missing file as "Failed loading config file ..." with
+  the paths it attempted, and an error raised by `get_config` (an unknown
+  variant) as "Error whilst parsing config file:" followed by the traceback.
+  """
+  message = str(error)
+  lines = [line.strip() for line in message.splitlines() if line.strip()]
+  if "Failed loading config file" in message:
+    return UsageError(f"--config: {lines[-1]}")
+  if "Error whilst parsing config file" in message:
+    # The traceback's last line is "ExceptionType: message".
+    return UsageError(lines[-1].split(": ", 1)[-1])
+  return error
+
+
 def _run(prog: str, summary: str, main, argv, examples: list[str],
          with_variants: bool = False) -> None:
   """Parses flags and runs `main`, with the help and error behaviour above."""
@@ -191,9 +208,13 @@ def _run(prog: str, summary: str, main, argv, examples: list[str],
     sys.exit(code)
 
   def parse(argv):
-    usage_errors = (ValueError, AttributeError, KeyError, FileNotFoundError)
+    usage_errors = (ValueError, AttributeError, KeyError, OSError)
     try:
-      return flags.FLAGS(argv)
+      parsed = flags.FLAGS(argv)
+      if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
+        # ml_collections defers a config file's load error to the first access.
+        getattr(flags.FLAGS.config, "keys")
+      return parsed
     except (flags.Error, *usage_errors) as e:
       error = e
       if isinstance(e, flags.Error):
@@ -201,7 +222,7 @@ def _run(prog: str, summary: str, main, argv, examples: list[str],
         error = cause if isinstance(cause, usage_errors) else e
       if isinstance(error, (KeyError, AttributeError)):  # a config field that is not there
         error = _unknown_config_field(args) or error
-      fail(error, EXIT_USAGE)
+      fail(_config_file_error(error), EXIT_USAGE)
 
   def guarded(argv):
     _quiet_libraries(args)

@@ -401,7 +401,10 @@ CLI_MISTAKES = [
     (["--config.schedule.lr_maxx=0.1"],
      r"schedule has no field 'lr_maxx'. Did you mean 'lr_max'\? Its fields: .*lr_max"),
     (["--config.eps.x=1"], r"--config.eps.x: eps is a value \(10.0\), not a section"),
-    (["--config=%s:cnn_fgms" % CONFIG], "Unknown CIFAR-10 variant 'cnn_fgms'. Did you mean"),
+    (["--config=%s:cnn_fgms" % CONFIG], r"error: Unknown CIFAR-10 variant 'cnn_fgms'. Did you mean"),
+    (["--config=configs/nothere.py:cnn_fgsm"],
+     r"--config: \[Errno 2\] No such file or directory: 'configs/nothere.py'$"),
+    (["--config=configs/nothere.py:cnn_fgsm", "--config.eps=4"], "No such file or directory"),
 ]
 
 

@@ -296,6 +296,11 @@ class Lockstep:
         "ce": _rel(metrics["train/ce"], ref["ce"]),
         "reg": _rel(reg_ours, ref["reg"]),
         "grads": _max_rel((grads[n], ref["grads"][n].double().numpy()) for n in param_names),
+        # All gradients as one vector: a tensor whose own gradient is tiny next to the
+        # others' (a cancellation) can show a large per-tensor difference at rounding level.
+        "grads_total": _rel(np.concatenate([np.ravel(grads[n]) for n in param_names]),
+                            np.concatenate([ref["grads"][n].double().numpy().ravel()
+                                            for n in param_names])),
         "params": _max_rel((ours[n], theirs[n]) for n in param_names),
         "opt_state": _max_rel(opt_pairs),
         "bn_stats": _max_rel((ours[n], theirs[n]) for n in stat_names),
@@ -303,6 +308,9 @@ class Lockstep:
     tracked = [int(v) for k, v in self.torch_model.state_dict().items()
                if k.endswith("num_batches_tracked")]
     out["num_batches_tracked"] = tracked[0] if tracked else None
+    # The reference's loss itself: a run that has diverged (CE ≫ log 10) compares
+    # ill-conditioned states.
+    out["ce_ref"] = float(ref["ce"])
     return out
 
   def run(self, steps: int, report_at=(1, 10, 100), seed: int = 0) -> dict[int, dict]:
@@ -364,6 +372,7 @@ def main(argv=None):
       rows.append(row)
       print(f"{model_key:7s} {name:13s} step {step:4d}  max rel {row['max_rel']:.2e}  " +
             " ".join(f"{k}={diffs[k]:.1e}" for k in COMPARED) +
+            f"  grads_total={diffs['grads_total']:.1e}  CE_ref={diffs['ce_ref']:.3g}"
             f"  nbt={diffs['num_batches_tracked']}  ({time.time() - t0:.1f}s)", flush=True)
   if args.json:
     with open(args.json, "w") as f:
