@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import json
 from typing import Any, Mapping, Optional
 
 import jax
@@ -316,3 +317,38 @@ def build_method(config) -> Method:
   check_name("bn_updates", bn_updates, BN_UPDATES)
   return Method(eps=eps, attack=attack, regularizers=regs, warmup_epochs=warmup_epochs,
                 warmup_target=target, bn_updates=bn_updates)
+
+
+def keyword_defaults(config) -> dict[str, Any]:
+  """The signature default of every keyword the config's sections pass on, by config path.
+
+  Paths are "model.kwargs.<k>" (the model constructor's keywords),
+  "attack.kwargs.<k>" (the attack's) and "regularizers.<name>.<k>" (each
+  configured regularizer's), with JSON values (tuples as lists). A stored config
+  that lacks such a key (written before the library added it) ran with this
+  default, so resuming it with the key set to its default is the same run.
+  Unknown names contribute nothing (validation reports them).
+  """
+  from fastadv_jax.models import registry  # pylint: disable=g-import-not-at-top
+
+  sources = []
+  model = registry.MODELS.get(config.model.get("name"))
+  if model is not None:
+    sources.append(("model.kwargs", model))
+  spec = attacks.ATTACK_SPECS.get(config.attack.get("name"))
+  if spec is not None:
+    sources.append(("attack.kwargs", spec.fn))
+  for name in config.regularizers.keys():
+    if name in regularizers.REGULARIZER_SPECS:
+      sources.append((f"regularizers.{name}", regularizers.REGULARIZER_SPECS[name].fn))
+  defaults = {}
+  for prefix, fn in sources:
+    named, _ = _keyword_parameters(fn)
+    for key, parameter in named.items():
+      if parameter.default is parameter.empty:
+        continue
+      try:
+        defaults[f"{prefix}.{key}"] = json.loads(json.dumps(parameter.default))
+      except (TypeError, ValueError):  # not a config value (a dtype, a function)
+        pass
+  return defaults

@@ -43,6 +43,7 @@ from fastadv_jax import closures
 from fastadv_jax import config_base
 from fastadv_jax import data as data_lib
 from fastadv_jax import evaluate
+from fastadv_jax import methods
 from fastadv_jax import monitor as monitor_lib
 from fastadv_jax import plotting
 from fastadv_jax import restore
@@ -69,15 +70,33 @@ def _comparable(config_dict: dict) -> dict:
   return d
 
 
-def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+_MISSING = "<missing>"
+
+
+def _config_diff(a: dict, b: dict, defaults: dict, prefix: str = "") -> list[str]:
   out = []
   for k in sorted(set(a) | set(b)):
-    va, vb = a.get(k, "<missing>"), b.get(k, "<missing>")
+    va, vb = a.get(k, _MISSING), b.get(k, _MISSING)
+    path = prefix + k
     if isinstance(va, dict) and isinstance(vb, dict):
-      out += _config_diff(va, vb, prefix + k + ".")
-    elif va != vb:
-      out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+      out += _config_diff(va, vb, defaults, path + ".")
+    elif va != vb and not (_MISSING in (va, vb) and path in defaults
+                           and defaults[path] in (va, vb)):
+      out.append(f"{path}: {va!r} -> {vb!r}")
   return out
+
+
+def config_changes(stored: dict, config: ml_collections.ConfigDict) -> list[str]:
+  """What differs between a workdir's stored config and `config`, "path: old -> new".
+
+  Keys free to change on resumption (`_RESUME_FREE_KEYS`) are ignored, and so is
+  a keyword one side lacks while the other sets it to the default of the
+  function it is passed to (`methods.keyword_defaults`): a run written before
+  the library added the keyword ran with that default.
+  """
+  current = json.loads(config.to_json_best_effort())
+  return _config_diff(_comparable(stored), _comparable(current),
+                      methods.keyword_defaults(config))
 
 
 # --------------------------------------------------------------------------
@@ -387,7 +406,7 @@ class _Run:
         workdir_lib.write_json(os.path.join(self.workdir, "config.json"), self.config_dict)
       return state
     step0, ckpt_state, meta = restored
-    diff = _config_diff(_comparable(meta["config"]), _comparable(self.config_dict))
+    diff = config_changes(meta["config"], self.config)
     if diff and not self.config.allow_config_change:
       raise ValueError(
           f"{self.workdir} holds a run with a different config ({'; '.join(diff[:10])}). "

@@ -306,6 +306,31 @@ def test_kill_and_resume_equals_uninterrupted(npz_dataset, tmp_path):
   assert sorted(os.listdir(killed / "checkpoints")) == before
 
 
+def test_resuming_a_run_stored_before_a_keyword_existed():
+  """A stored config without a keyword the library added later (it ran with the
+  function's default) resumes when the key holds that default, not otherwise."""
+  cifar10 = load_config_module("cifar10")
+  for variant, section, key, other in [
+      ("gradalign", ("regularizers", "grad_align"), "formulation", "forward_over_reverse"),
+      ("cnn_fgsm", ("model", "kwargs"), "im2col_stem", True)]:
+    config = cifar10.get_config(variant)
+    stored = json.loads(config.to_json_best_effort())
+    stored[section[0]][section[1]].pop(key)
+    assert train.config_changes(stored, config) == []
+    with config.unlocked():
+      config[section[0]][section[1]][key] = other
+    assert train.config_changes(stored, config) == [
+        f"{'.'.join(section)}.{key}: '<missing>' -> {other!r}"]
+  # Other differences still count, a missing key without a known default too.
+  config = cifar10.get_config("gradalign")
+  stored = json.loads(config.to_json_best_effort())
+  stored["eps"] = 10.0
+  stored["schedule"].pop("lr_max")
+  assert train.config_changes(stored, config) == [
+      f"eps: 10.0 -> {config.eps!r}",
+      f"schedule.lr_max: '<missing>' -> {config.schedule.lr_max!r}"]
+
+
 def test_corrupt_newest_checkpoint_falls_back(npz_dataset, tmp_path):
   workdir = tmp_path / "run"
   subprocess.run(cli_args(npz_dataset, workdir, epochs=1), check=True, env=_env(),
