@@ -134,8 +134,9 @@ def isolated(model: str, method: str, at_step: int, weights, seed: int = 0):
 
 
 def cross_entropy_curvature(scales=(1.0, 1e6, 1e11), weights=(1.0, 3.90625), seed: int = 0):
-  """The cross-entropy alone: ∇_l of λ·d/dt CE(l + t v) (reverse-over-forward) against
-  ∇_l of λ·⟨∇_l CE(l), v⟩ (double backprop), jitted, logits and v of the given scale.
+  """The cross-entropy alone: ∇_l of λ·d/dt CE(l + t v) (a plain `jax.jvp` under
+  `jax.grad`, without the library's unit cotangent) against ∇_l of
+  λ·⟨∇_l CE(l), v⟩ (double backprop), jitted, logits and v of the given scale.
 
   At large logits the softmax is one-hot in float64 and the exact value is 0.
   """
@@ -192,7 +193,7 @@ def main():
             f"({row['vs_double_backprop']:.1e})")
     record["cross_entropy_curvature"] = cross_entropy_curvature()
     print("\nThe cross-entropy alone, ∇_l λ·(curvature along v), logits of scale s: "
-          "norms reverse-over-forward / double backprop")
+          "norms plain jvp under grad / double backprop")
     for row in record["cross_entropy_curvature"]:
       print(f"  s={row['scale']:<6g} λ={row['weight']:<8g} {row['reverse_over_forward_norm']:.2e}"
             f" / {row['reverse_over_reverse_norm']:.2e}")

@@ -297,6 +297,31 @@ def test_formulations_agree_on_preact_resnet_with_batchnorm(resnet_results):
     assert rel < 1e-5, (form, rel)
 
 
+def test_weighted_penalty_gradient_is_exact_at_a_saturated_softmax():
+  """λ·IGR of a linear classifier with logits of order 1e4 (a one-hot softmax in
+  float32, so the cross-entropy's curvature is exactly 0): every formulation's
+  parameter gradient, jitted, equals the analytic one, λ·(2/B²)·gᵀ(p − y). With λ not a power of two, reverse-over-forward once left a
+  rounding residue of the cancelling curvature terms (relative error ~0.1 here;
+  benchmarks/README.md, "Forward-over-reverse")."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.uniform(0, 1, (4, 6)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(6, 3)) * 1e4, jnp.float32)
+  labels = jnp.asarray([0, 1, 2, 0])
+  weight = 3.90625
+  residual = jax.nn.one_hot(jnp.argmax(x @ w, -1), 3) - jax.nn.one_hot(labels, 3)  # p − y
+  g = residual @ w.T / 4                      # ∇ₓ of the batch-mean CE
+  # penalty = (1/B)·Σ_i ‖g_i‖² (batch_mean_averaged); with p − y constant its
+  # W-gradient is (2/B²)·gᵀ(p − y).
+  expected = weight * 2 / 4**2 * (g.T @ residual)
+  for form in R.FORMULATIONS:
+    def weighted(w, form=form):
+      loss_fn = closures.cross_entropy(lambda v: v @ w, labels)
+      return weight * R.input_grad_norm(loss_fn, x, formulation=form)
+    got = jax.jit(jax.grad(weighted))(w)
+    rel = float(jnp.linalg.norm(got - expected) / jnp.linalg.norm(expected))
+    assert rel < 1e-5, (form, rel)
+
+
 # ---------------------------------------------------------------------------
 # GradAlign options, float32 on a tiny softplus MLP
 # ---------------------------------------------------------------------------

@@ -15,16 +15,23 @@ formulation computes it:
   outer `jax.grad`. Since d/dθ ⟨∇ₓℓ(x'; θ), v⟩ = (∂g/∂θ)ᵀ v = dR/dθ, the
   surrogate has exactly the parameter gradient of R; the returned scalar is
   ``stop_gradient(R) + (S - stop_gradient(S))``, so its value is R itself.
+  The jvp's reverse pass runs with a unit cotangent and is scaled by the outer
+  one (λ) afterwards (`_with_unit_cotangent`): the same gradient, but terms of
+  the cross-entropy's curvature that cancel exactly at a saturated softmax
+  stay exact (with λ inside XLA's program they left a residue amplified 1e8-fold
+  in a diverged float64 run), and XLA counts fewer flops (PreActResNet-18's
+  GradAlign step 2.01x FGSM's, against 2.15x with the jvp differentiated by
+  the outer `jax.grad` itself).
 * ``"forward_over_reverse"``: g and v as above; then the mixed second
   derivative is taken directly, h = d/dt ∇_θ ℓ(x' + t v; θ) at t = 0 (one
   `jax.jvp` of `jax.grad` with respect to the traced values the loss closure
   captures, found by `jax.closure_convert`), which equals (∂g/∂θ)ᵀ v by the
   symmetry of second derivatives. The surrogate is S = ⟨stop_gradient(h), θ⟩
-  (and the same for x'), returned as above. For PreActResNet-18 it has the
-  fewest flops of the three (GradAlign's step 2.01x FGSM's by XLA's count,
-  against 2.15x reverse-over-forward) but ran no faster on a 2-core CPU,
-  where its extra weight-gradient convolutions pay layout copies
-  (benchmarks/README.md, "Forward-over-reverse"); not measured on a GPU.
+  (and the same for x'), returned as above. For PreActResNet-18 it has as few
+  flops as reverse-over-forward (GradAlign's step 2.01x FGSM's by XLA's count)
+  but ran no faster on a 2-core CPU, where its extra weight-gradient
+  convolutions pay layout copies (benchmarks/README.md, "Forward-over-reverse");
+  not measured on a GPU.
 
 All three are exact (they agree to float rounding, checked by the tests on a
 PreActResNet with BatchNorm in batch mode, where the batch statistics couple the
@@ -151,11 +158,39 @@ def exact_grad_penalty(loss_fn: LossClosure, points: Sequence[Array],
     else:
       # <∇ₓℓ(p), v> as a directional derivative: its gradient wrt the parameters
       # is (∂∇ₓℓ/∂θ)ᵀ v, the chain rule through the penalty.
-      _, directional = jax.jvp(loss_fn, (point,), (v,))
-      surrogate = surrogate + directional
+      surrogate = surrogate + _with_unit_cotangent(
+          lambda p, v=v: jax.jvp(loss_fn, (p,), (v,))[1], point)
   value = jax.lax.stop_gradient(value)
   # `value + (S - sg(S))` rather than `(value + S) - sg(S)`: S - S is exactly 0.
   return value + (surrogate - jax.lax.stop_gradient(surrogate))
+
+
+def _with_unit_cotangent(fn: Callable[[Array], Array], point: Array) -> Array:
+  """fn(point) for a scalar fn, whose reverse pass runs with cotangent 1 and is scaled after.
+
+  Its gradient (with respect to the point and the traced values fn captures,
+  found by `jax.closure_convert`) is the same as fn's; only the rounding
+  differs. For the directional derivative of the cross-entropy, two terms of
+  the reverse pass cancel exactly at a saturated softmax when they see the
+  same cotangent; scaled by the outer cotangent (a regularizer's weight λ)
+  inside XLA's compiled program they did not (a 1e8-fold amplified rounding
+  in a diverged run, benchmarks/README.md, "Forward-over-reverse").
+  """
+  converted, captured = jax.closure_convert(fn, point)
+
+  @jax.custom_vjp
+  def call(x, *consts):
+    return converted(x, *consts)
+
+  def call_fwd(x, *consts):
+    return jax.vjp(converted, x, *consts)
+
+  def call_bwd(vjp, cotangent):
+    return tuple(g if g.dtype == jax.dtypes.float0 else (cotangent * g).astype(g.dtype)
+                 for g in vjp(jnp.ones_like(cotangent)))
+
+  call.defvjp(call_fwd, call_bwd)
+  return call(point, *captured)
 
 
 def _mixed_derivative_surrogate(loss_fn: LossClosure, point: Array, v: Array) -> Array:
@@ -272,8 +307,8 @@ def grad_align(loss_fn: LossClosure, x: Array, key: Optional[Array] = None, *, e
       `AttackOutput.grad_at_start`); otherwise it is computed at `x_start`.
     x_start: the attack's starting point (default: x).
     formulation: "reverse_over_forward" (default; on PreActResNet-18 on CPU as
-      fast as "forward_over_reverse", which has the fewest flops, and faster
-      than double backprop), "forward_over_reverse" or
+      fast as "forward_over_reverse", with as few flops, and faster than
+      double backprop), "forward_over_reverse" or
       "reverse_over_reverse" (double backprop); all exact.
     differentiate_both: False (the authors' code): g₁ is a constant
       (stop-gradient). True: both gradients are differentiated; g₁ is then
