@@ -21,7 +21,9 @@ formulation computes it:
   stay exact (with λ inside XLA's program they left a residue amplified 1e8-fold
   in a diverged float64 run), and XLA counts fewer flops (PreActResNet-18's
   GradAlign step 2.01x FGSM's, against 2.15x with the jvp differentiated by
-  the outer `jax.grad` itself).
+  the outer `jax.grad` itself). Being a `custom_vjp`, the result supports
+  reverse-mode differentiation only (all the train step needs); differentiate
+  it in forward mode with one of the other two formulations.
 * ``"forward_over_reverse"``: g and v as above; then the mixed second
   derivative is taken directly, h = d/dt ∇_θ ℓ(x' + t v; θ) at t = 0 (one
   `jax.jvp` of `jax.grad` with respect to the traced values the loss closure
