@@ -176,7 +176,8 @@ def _with_unit_cotangent(fn: Callable[[Array], Array], point: Array) -> Array:
   the reverse pass cancel exactly at a saturated softmax when they see the
   same cotangent; scaled by the outer cotangent (a regularizer's weight λ)
   inside XLA's compiled program they did not (a 1e8-fold amplified rounding
-  in a diverged run, benchmarks/README.md, "Forward-over-reverse").
+  in a diverged run; benchmarks/README.md, "Reverse-over-forward with a unit
+  cotangent").
   """
   converted, captured = jax.closure_convert(fn, point)
 
