@@ -43,7 +43,6 @@ from fastadv_jax import regularizers  # noqa: E402
 import records  # noqa: E402
 
 PERTURBATION = 1e-15
-EXACT = ("grad_align", "cure", "input_grad_norm")
 
 
 def _flat_grads(metrics) -> np.ndarray:
@@ -53,10 +52,7 @@ def _flat_grads(metrics) -> np.ndarray:
 
 def sensitivities(model: str, method: str, formulation: str, steps: int, seed: int = 0):
   """Per step: the gradient's relative change under the perturbation, and the CE."""
-  case = lockstep.cases()[method]
-  for reg in EXACT:
-    if reg in case.regularizers:
-      case.regularizers[reg] = {**case.regularizers[reg], "formulation": formulation}
+  case = lockstep.with_formulation(lockstep.cases()[method], formulation)
   run = lockstep.Lockstep(case, model, "float64", seed=seed)
   rng = np.random.RandomState(seed)  # the harness's own stream of batches and draws
   xs, ys = lockstep._images(rng, steps)  # pylint: disable=protected-access
@@ -64,19 +60,15 @@ def sensitivities(model: str, method: str, formulation: str, steps: int, seed: i
   rows = []
   for t in range(steps):
     draws = lockstep._draws(case, rng, run.eps)  # pylint: disable=protected-access
-    batch = {"image": jnp.asarray(xs[t])[None], "label": jnp.asarray(ys[t], jnp.int32)[None],
-             "index": jnp.arange(lockstep.BATCH)[None],
-             "noise": {k: jnp.asarray(v)[None] for k, v in draws.items()}}
     state = run.state
-    _, metrics = run.step_fn(state, batch)
     moved = state.replace(params=jax.tree_util.tree_map(
         lambda p: p * (1 + PERTURBATION * perturb.standard_normal(p.shape)), state.params))
-    _, metrics_moved = run.step_fn(moved, batch)
+    _, metrics_moved = run.step_fn(moved, run.batch(xs[t], ys[t], draws))
+    metrics = run.jax_step(xs[t], ys[t], draws)  # at `state`; advances the harness
     g, g_moved = _flat_grads(metrics), _flat_grads(metrics_moved)
-    rows.append(dict(step=t + 1, ce=float(np.asarray(metrics["train/ce"])[0]),
+    rows.append(dict(step=t + 1, ce=float(metrics["train/ce"]),
                      grad_norm=float(np.linalg.norm(g)),
                      relative_change=float(np.linalg.norm(g_moved - g) / np.linalg.norm(g))))
-    run.jax_step(xs[t], ys[t], draws)  # the harness's own step (the PyTorch side is not needed)
   return rows
 
 
@@ -88,7 +80,8 @@ def isolated(model: str, method: str, at_step: int, weights, seed: int = 0):
   `weights` and each formulation; also its distance to double backprop.
   """
   case = lockstep.cases()[method]
-  (name, hparams), = [(n, h) for n, h in case.regularizers.items() if n in EXACT]
+  (name, hparams), = [(n, h) for n, h in case.regularizers.items()
+                      if n in lockstep.EXACT_PENALTIES]
   fn = regularizers.REGULARIZER_SPECS[name].fn
   hparams = {k: v for k, v in hparams.items() if k != "weight"}
   run = lockstep.Lockstep(case, model, "float64", seed=seed)
@@ -161,7 +154,7 @@ def main():
   parser.add_argument("--model", default="preact", choices=sorted(lockstep.MODELS))
   parser.add_argument("--method", default="igr",
                       choices=[n for n, c in lockstep.cases().items()
-                               if set(c.regularizers) & set(EXACT)])
+                               if set(c.regularizers) & set(lockstep.EXACT_PENALTIES)])
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--isolate_at", type=int, default=0,
                       help="also differentiate λ·penalty alone at the state before this "

@@ -36,6 +36,7 @@ from fastadv_jax import attacks
 from fastadv_jax import closures
 from fastadv_jax import config_base
 from fastadv_jax import regularizers
+from fastadv_jax.models import registry
 
 ATTACK_BN_MODES = ("batch", "eval")
 WARMUP_TARGETS = ("eps", "step")
@@ -329,8 +330,6 @@ def keyword_defaults(config) -> dict[str, Any]:
   default, so resuming it with the key set to its default is the same run.
   Unknown names contribute nothing (validation reports them).
   """
-  from fastadv_jax.models import registry  # pylint: disable=g-import-not-at-top
-
   sources = []
   model = registry.MODELS.get(config.model.get("name"))
   if model is not None:

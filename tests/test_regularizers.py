@@ -300,9 +300,10 @@ def test_formulations_agree_on_preact_resnet_with_batchnorm(resnet_results):
 def test_weighted_penalty_gradient_is_exact_at_a_saturated_softmax():
   """λ·IGR of a linear classifier with logits of order 1e4 (a one-hot softmax in
   float32, so the cross-entropy's curvature is exactly 0): every formulation's
-  parameter gradient, jitted, equals the analytic one, λ·(2/B²)·gᵀ(p − y). With λ not a power of two, reverse-over-forward once left a
-  rounding residue of the cancelling curvature terms (relative error ~0.1 here;
-  benchmarks/README.md, "Forward-over-reverse")."""
+  parameter gradient, jitted, equals the analytic one, λ·(2/B²)·gᵀ(p − y). With
+  λ not a power of two, reverse-over-forward without its unit cotangent left a
+  rounding residue of the cancelling curvature terms (relative error 1.7e-4
+  here; benchmarks/README.md, "Reverse-over-forward with a unit cotangent")."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.uniform(0, 1, (4, 6)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(6, 3)) * 1e4, jnp.float32)

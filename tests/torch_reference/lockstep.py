@@ -108,6 +108,17 @@ def cases(tie_rule: str = "torch1.4") -> dict[str, Case]:
   ]}
 
 
+# The regularizers with an exact formulation (regularizers.FORMULATIONS).
+EXACT_PENALTIES = ("grad_align", "cure", "input_grad_norm")
+
+
+def with_formulation(case: Case, formulation: str) -> Case:
+  """`case` with its exact penalties computed in `formulation`."""
+  return dataclasses.replace(case, regularizers={
+      name: ({**hp, "formulation": formulation} if name in EXACT_PENALTIES else hp)
+      for name, hp in case.regularizers.items()})
+
+
 def _config(case: Case, model_key: str, bn_updates: str):
   name, kwargs, opt, lr = MODELS[model_key]
   c = config_base.base_config()
@@ -258,12 +269,15 @@ class Lockstep:
       kwargs["free_delta"] = self.free_delta
     return fn(self.torch_model, self.torch_opt, X, Y, eps=self.eps, **kwargs)
 
+  def batch(self, x, y, draws):
+    """The JAX step's (one-device) batch of images, labels and draws."""
+    return {"image": jnp.asarray(x, self.dtype)[None],
+            "label": jnp.asarray(y, jnp.int32)[None],
+            "index": jnp.arange(BATCH)[None],
+            "noise": {k: jnp.asarray(v, self.dtype)[None] for k, v in draws.items()}}
+
   def jax_step(self, x, y, draws):
-    batch = {"image": jnp.asarray(x, self.dtype)[None],
-             "label": jnp.asarray(y, jnp.int32)[None],
-             "index": jnp.arange(BATCH)[None],
-             "noise": {k: jnp.asarray(v, self.dtype)[None] for k, v in draws.items()}}
-    self.state, metrics = self.step_fn(self.state, batch)
+    self.state, metrics = self.step_fn(self.state, self.batch(x, y, draws))
     return jax.tree_util.tree_map(lambda a: np.asarray(a[0]), metrics)
 
   # -- comparison -------------------------------------------------------------
@@ -351,10 +365,7 @@ def main(argv=None):
   torch.set_num_threads(1)
   table = cases(args.tie_rule)
   if args.formulation:
-    for case in table.values():
-      for reg in ("grad_align", "cure", "input_grad_norm"):
-        if reg in case.regularizers:
-          case.regularizers[reg] = {**case.regularizers[reg], "formulation": args.formulation}
+    table = {name: with_formulation(case, args.formulation) for name, case in table.items()}
   names = list(table) if args.methods == "all" else args.methods.split(",")
   rows = []
   pairs = [(m, n) for m in args.models.split(",") if m for n in names]
