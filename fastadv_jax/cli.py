@@ -23,6 +23,7 @@ import difflib
 import glob
 import logging as py_logging
 import os
+import re
 import sys
 import traceback
 
@@ -189,6 +190,37 @@ def _config_file_error(error: BaseException) -> BaseException:
   return error
 
 
+_PARSE_ERRORS = (ValueError, AttributeError, KeyError, OSError)
+
+
+def _parse_error(error: BaseException, args: list[str]) -> BaseException:
+  """The error to print, in one line, for a command line absl or ml_collections refused.
+
+  absl wraps the cause (a config file's error, a value that does not parse) in
+  a flags.Error; the cause is shown where it says more, otherwise absl's own
+  message, which names the flag and the value (the cause of `--n=abc`, "invalid
+  literal for int() with base 10: 'abc'", names neither the flag nor the type).
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  cause = error
+  if isinstance(error, flags.Error):
+    inner = error.__cause__ or error.__context__
+    if isinstance(inner, _PARSE_ERRORS):
+      cause = inner
+  if isinstance(cause, (KeyError, AttributeError)):  # a config field that is not there
+    return _unknown_config_field(args) or cause
+  described = _config_file_error(cause)
+  if described is not cause or cause is error:
+    return described
+  if isinstance(error, flags.IllegalFlagValueError):
+    message = str(error).removeprefix("flag ")
+    # absl's bool parser says ('Non-boolean argument to boolean flag', 'maybe').
+    message = re.sub(r"\('Non-boolean argument to boolean flag', '.*'\)",
+                     "expected true or false", message)
+    return UsageError(message)
+  return cause
+
+
 def _run(prog: str, summary: str, main, argv, examples: list[str],
          with_variants: bool = False) -> None:
   """Parses flags and runs `main`, with the help and error behaviour above."""
@@ -208,21 +240,14 @@ def _run(prog: str, summary: str, main, argv, examples: list[str],
     sys.exit(code)
 
   def parse(argv):
-    usage_errors = (ValueError, AttributeError, KeyError, OSError)
     try:
       parsed = flags.FLAGS(argv)
       if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
         # ml_collections defers a config file's load error to the first access.
         getattr(flags.FLAGS.config, "keys")
       return parsed
-    except (flags.Error, *usage_errors) as e:
-      error = e
-      if isinstance(e, flags.Error):
-        cause = e.__cause__ or e.__context__
-        error = cause if isinstance(cause, usage_errors) else e
-      if isinstance(error, (KeyError, AttributeError)):  # a config field that is not there
-        error = _unknown_config_field(args) or error
-      fail(_config_file_error(error), EXIT_USAGE)
+    except (flags.Error, *_PARSE_ERRORS) as e:
+      fail(_parse_error(e, args), EXIT_USAGE)
 
   def guarded(argv):
     _quiet_libraries(args)

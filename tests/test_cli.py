@@ -60,3 +60,23 @@ def test_train_help_with_a_separate_config_argument():
   path = os.path.join(REPO, "configs", "svhn.py")
   code, out = _help("train_main", "--config", path)
   assert code == 0 and "svhn.py: gradalign" in out and "cifar10.py: " not in out
+
+
+@pytest.mark.parametrize("main,args,message", [
+    ("eval_main", ["--workdir=/nonexistent", "--n=abc"],
+     "--n=abc: invalid literal for int() with base 10: 'abc'"),
+    ("eval_main", ["--workdir=/nonexistent", "--attack=autoatack"],
+     "--attack=autoatack: value should be one of <pgd|autoattack>"),
+    ("train_main", ["--workdir=/nonexistent", "--progress=maybe"],
+     "--progress=maybe: expected true or false"),
+    ("train_main", ["--workdir=/nonexistent", f"--config={REPO}/configs/cifar10.py:cnn_fgsm",
+                    "--config.batch_size=abc"],
+     "--config.batch_size=abc: invalid literal for int() with base 10: 'abc'"),
+])
+def test_a_flag_value_that_does_not_parse_is_named_in_one_line(main, args, message):
+  res = subprocess.run(
+      [sys.executable, "-c", f"from fastadv_jax.cli import {main}; {main}()", *args],
+      capture_output=True, text=True, timeout=120)
+  prog = {"eval_main": "fastadv-eval", "train_main": "fastadv-train"}[main]
+  assert res.returncode == 2
+  assert res.stderr.strip() == f"{prog}: error: {message}", res.stderr[-2000:]
