@@ -34,9 +34,13 @@ paper configs):
   updates the running averages on every forward in `model.train()`, so the
   GradAlign code's FGSM + GradAlign step updates them 3 times
   (`num_batches_tracked` += 3: the FGSM pass, train.py l.153, the CE pass,
-  l.188, and g₂ at x + η, l.193 via utils.py l.84). The replayed forwards run
-  outside the differentiated function (forward only, with the step's
-  parameters). Not replayed: the GradAlign code's monitoring pass at x for
+  l.188, and g₂ at x + η, l.193 via utils.py l.84). The attack's and the
+  regularizers' forwards are replayed outside the differentiated function
+  (forward only, with the step's parameters); the CE forward's update is that
+  of the differentiated forward itself, started from the statistics after the
+  attack's (train mode normalizes with batch statistics, so the running ones
+  change nothing else; a separate replay cost 14% more flops in the FGSM step
+  of PreActResNet-18). Not replayed: the GradAlign code's monitoring pass at x for
   PGD / no attack / random corner (train.py l.182-184), which only feeds a log.
 * `method.attack.order` (AT for Free): "single_pass" (Shafahi et al. 2019,
   Alg. 1; Wong's train_free.py l.106-118): one forward/backward at x + δ gives
@@ -197,6 +201,11 @@ def make_train_step(model, tx: optax.GradientTransformation, method: methods.Met
     draws = batch.get("noise", {})
     out = run_attack(state, x, y, attack_key, eps, step, draws.get("attack"))
     constants = regularizer_inputs(method, model, state.params, state.batch_stats, x, y, out)
+    # The running statistics the CE forward updates: with "every_forward",
+    # those after the attack's forwards (module docstring).
+    ce_stats = state.batch_stats
+    if every_forward and out.forward_points is not None and attack.bn == "batch":
+      ce_stats = replay_forwards(model, state.params, state.batch_stats, out.forward_points)
 
     def reg_args(params, delta, logits_adv):
       """Each regularizer's call arguments, built from `params`."""
@@ -216,7 +225,7 @@ def make_train_step(model, tx: optax.GradientTransformation, method: methods.Met
       return calls
 
     def loss_fn(params, delta):
-      variables = model_variables(params, state.batch_stats)
+      variables = model_variables(params, ce_stats)
       logits, mutated = model.apply(variables, x + delta, train=True,
                                     mutable=["batch_stats"])
       ce = jnp.mean(closures.cross_entropy_per_example(logits, y))
@@ -226,7 +235,7 @@ def make_train_step(model, tx: optax.GradientTransformation, method: methods.Met
         for reg, args in zip(method.regularizers, calls):
           values[reg.name] = reg.fn(**args, **reg.hparams)
           total = total + state.hparams[f"reg/{reg.name}"] * values[reg.name]
-      new_stats = mutated.get("batch_stats", state.batch_stats)
+      new_stats = mutated.get("batch_stats", ce_stats)
       return total, (logits, new_stats, ce, values)
 
     argnums = (0, 1) if carried is not None and not step_first else 0
@@ -238,18 +247,15 @@ def make_train_step(model, tx: optax.GradientTransformation, method: methods.Met
     elif carried is not None:
       grads, grad_delta = grads
       attack_state = carried.update(x, out.delta, grad_delta, eps=eps, step=step)
-    if every_forward:
-      # The regularizers' own descriptions cover the input gradients they use
-      # (the reference computes them inside the regularizer), so the constants
-      # computed above for them are not replayed.
-      # An attack in eval mode (attack.bn="eval") updates nothing.
-      points = (list(out.forward_points)
-                if out.forward_points is not None and attack.bn == "batch" else [])
-      points += [x + out.delta]
-      calls = reg_args(state.params, out.delta, None) if method.regularizers else []
-      for reg, args in zip(method.regularizers, calls):
+    if every_forward and method.regularizers:
+      # After the attack's forwards and the CE forward (above), the
+      # regularizers' own, in order. Their descriptions cover the input
+      # gradients they use (the reference computes them inside the
+      # regularizer), so the constants computed above for them are not replayed.
+      points = []
+      for reg, args in zip(method.regularizers, reg_args(state.params, out.delta, None)):
         points += list(reg.spec.forward_points(args, reg.hparams))
-      new_stats = replay_forwards(model, state.params, state.batch_stats, points)
+      new_stats = replay_forwards(model, state.params, new_stats, points)
     grads = jax.lax.pmean(grads, AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
