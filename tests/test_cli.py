@@ -13,11 +13,16 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _help(main, *args):
-  """(exit code, stdout) of `<command> *args --help`; `main` names its entry point."""
-  res = subprocess.run(
-      [sys.executable, "-c", f"from fastadv_jax.cli import {main}; {main}()", *args, "--help"],
+def _command(main, *args):
+  """`<command> *args` in its own process; `main` names its entry point."""
+  return subprocess.run(
+      [sys.executable, "-c", f"from fastadv_jax.cli import {main}; {main}()", *args],
       capture_output=True, text=True, timeout=120)
+
+
+def _help(main, *args):
+  """(exit code, stdout) of `<command> *args --help`."""
+  res = _command(main, *args, "--help")
   return res.returncode, res.stdout
 
 
@@ -74,9 +79,7 @@ def test_train_help_with_a_separate_config_argument():
      "--config.batch_size=abc: invalid literal for int() with base 10: 'abc'"),
 ])
 def test_a_flag_value_that_does_not_parse_is_named_in_one_line(main, args, message):
-  res = subprocess.run(
-      [sys.executable, "-c", f"from fastadv_jax.cli import {main}; {main}()", *args],
-      capture_output=True, text=True, timeout=120)
+  res = _command(main, *args)
   prog = {"eval_main": "fastadv-eval", "train_main": "fastadv-train"}[main]
   assert res.returncode == 2
   assert res.stderr.strip() == f"{prog}: error: {message}", res.stderr[-2000:]
